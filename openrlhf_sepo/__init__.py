@@ -1,0 +1,33 @@
+"""openrlhf-sepo: Selective Preference Optimization (SePO) as an OpenRLHF plugin.
+
+Public pieces (imported lazily, so ``import openrlhf_sepo`` stays cheap):
+
+- ``SePOLoss``             reference-free contrastive loss over selected key tokens (``loss.py``)
+- ``TokenScoreDataset``    ``score_tokens`` output -> OpenRLHF DPO batches + selection masks (``datasets.py``)
+- ``SelectiveDPOTrainer``  OpenRLHF ``DPOTrainer`` without a reference model (``trainer.py``)
+- ``select_key_tokens``    the per-response top-k / bottom-k rule (``scoring.py``)
+"""
+
+from openrlhf_sepo._flash_attn import install_placeholder as _install_flash_attn_placeholder
+
+__version__ = "0.1.0.dev0"
+
+# Must run before anything imports OpenRLHF, which imports flash-attn at import time.
+_install_flash_attn_placeholder()
+
+_LAZY = {
+    "SePOLoss": "openrlhf_sepo.loss",
+    "TokenScoreDataset": "openrlhf_sepo.datasets",
+    "SelectiveDPOTrainer": "openrlhf_sepo.trainer",
+    "select_key_tokens": "openrlhf_sepo.scoring",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'openrlhf_sepo' has no attribute {name!r}")

@@ -1,0 +1,82 @@
+"""Token-level reward estimation and key-token selection (SePO steps 3 and 4).
+
+Token reward of response token y_t (DPO's implicit reward, beta dropped since it does not change a ranking):
+
+    r(y_t) = log pi_oracle(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)
+
+Selection, per response of N scored tokens and ratio k in (0, 1]:
+
+    n = max(1, floor(k * N));  chosen keeps the n highest r, rejected the n lowest; ties -> earlier position.
+"""
+
+import hashlib
+import json
+import math
+
+import torch
+
+
+def num_selected(length, k: float):
+    """n = max(1, floor(k * N)) for N >= 1, and 0 for an empty response. Works on ints and int tensors.
+
+    A small epsilon absorbs float error (0.3 * 10 = 2.9999999999999996 must give 3, not 2).
+    """
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"selection ratio k must be in (0, 1], got {k}")
+    if isinstance(length, torch.Tensor):
+        n = torch.floor(length.double() * k + 1e-9).long().clamp(min=1)
+        return torch.where(length > 0, n, torch.zeros_like(n))
+    return 0 if length <= 0 else max(1, math.floor(length * k + 1e-9))
+
+
+def select_key_tokens(scores: torch.Tensor, k: float, largest: bool, lengths: torch.Tensor = None) -> torch.Tensor:
+    """Vectorised key-token selection over a right-padded batch of token scores.
+
+    Args:
+        scores: [B, N] float, one score per response token; positions >= lengths[i] are padding (ignored).
+            A 1-D tensor is treated as one response.
+        k: selection ratio in (0, 1].
+        largest: True for a chosen response (keep the highest scores), False for a rejected one (the lowest).
+        lengths: [B] number of real tokens per row; default: all N.
+
+    Returns:
+        bool mask of the same shape as ``scores``: exactly ``max(1, floor(k * lengths[i]))`` True entries in
+        row i (0 for an empty row), on the most extreme scores, ties broken by position (earlier wins).
+        Deterministic; never empty for a non-empty row.
+    """
+    squeeze = scores.dim() == 1
+    if squeeze:
+        scores = scores.unsqueeze(0)
+    batch, width = scores.shape
+    positions = torch.arange(width, device=scores.device)
+    if lengths is None:
+        lengths = torch.full((batch,), width, dtype=torch.long, device=scores.device)
+    lengths = lengths.to(scores.device)
+    valid = positions.unsqueeze(0) < lengths.unsqueeze(1)
+    if torch.isnan(scores[valid]).any():
+        raise ValueError("token scores contain NaN; cannot select key tokens")
+
+    key = scores.double() if largest is False else -scores.double()
+    key = key.masked_fill(~valid, math.inf)  # padding sorts after every real token
+    order = torch.sort(key, dim=1, stable=True).indices  # stable: equal scores keep position order
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, positions.expand(batch, width).contiguous())
+    mask = rank < num_selected(lengths, k).unsqueeze(1)
+    return mask.squeeze(0) if squeeze else mask
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A content hash of a tokenizer (vocabulary, special tokens, chat template).
+
+    Written into the scores manifest, checked by ``TokenScoreDataset`` at load: the ids that were scored
+    must be the ids that are trained.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    payload = {
+        "vocab": vocab,
+        "eos": tokenizer.eos_token,
+        "bos": tokenizer.bos_token,
+        "pad": tokenizer.pad_token,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

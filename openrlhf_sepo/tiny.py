@@ -1,0 +1,224 @@
+"""Tiny, offline building blocks for tests, benchmarks and the demo: nothing here is downloaded.
+
+- ``build_tokenizer(dir)``: a BPE tokenizer trained locally with ``tokenizers`` on the task's own text,
+  wrapped as ``PreTrainedTokenizerFast`` with Llama-style special tokens and a chat template.
+- ``build_model(dir, tokenizer_dir)``: a randomly initialised Llama (hidden 64, 2 layers by default),
+  saved as an HF checkpoint next to its tokenizer, loadable by OpenRLHF's ``Actor``.
+- The *key-word task*: prompts ask for a short note on a topic; every response is shared filler plus a
+  few slots filled with *good* or *bad* key words. A preference pair differs only in those slots, so
+  the tokens that decide the preference are known exactly (``key_word_mask``), and
+  ``ground_truth_reward(text)`` scores any generated response.
+- ``write_sft_data`` (UltraChat-style message lists), ``write_preference_data`` (UltraFeedback-binarized
+  shape or plain strings), as JSONL that OpenRLHF's ``--data.dataset`` reads.
+"""
+
+import json
+import os
+import random
+
+GOOD_WORDS = ["accurate", "helpful", "clear", "honest", "careful", "precise", "kind", "thorough"]
+BAD_WORDS = ["wrong", "rude", "vague", "careless", "sloppy", "harmful", "lazy", "misleading"]
+TOPICS = [
+    "river", "garden", "library", "mountain", "harbor", "market", "forest", "castle",
+    "bridge", "village", "desert", "island", "station", "museum", "orchard", "valley",
+]
+FILLER = [
+    "the", "a", "morning", "light", "was", "soft", "and", "people", "walked", "slowly", "near", "old",
+    "stone", "walls", "while", "birds", "sang", "over", "quiet", "streets", "in", "of", "it", "is",
+    "this", "note", "answer", "here", "with", "some", "long", "days", "water", "trees", "wind", "calm",
+]
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+# Each turn ends with the EOS token, so OpenRLHF's "append EOS unless present" keeps responses intact.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+N_SLOTS = 3
+
+
+def _prompt(topic: str) -> str:
+    return f"Write a short note about the {topic}."
+
+
+def _response(rng: random.Random, topic: str, slot_words: list) -> str:
+    """Filler sentence with the slot words placed at fixed positions; same rng state -> same filler."""
+    parts = [f"The {topic} is"]
+    for word in slot_words:
+        parts.append(word)
+        parts.append(" ".join(rng.choice(FILLER) for _ in range(rng.randint(3, 6))))
+    return " ".join(parts) + "."
+
+
+def ground_truth_reward(text: str) -> float:
+    """Embedded task's truth: (good key words - bad key words) / N_SLOTS, in [-1, 1] for a well-formed answer."""
+    words = [w.strip(".,!?") for w in text.lower().split()]
+    good = sum(w in GOOD_WORDS for w in words)
+    bad = sum(w in BAD_WORDS for w in words)
+    return max(-1.0, min(1.0, (good - bad) / N_SLOTS))
+
+
+def is_key_word(piece: str) -> bool:
+    """True for a token piece that belongs to a good or bad key word (pieces are Metaspace BPE pieces)."""
+    piece = piece.replace("\u2581", "").strip(".,!?").lower()
+    return len(piece) >= 2 and any(piece in w for w in GOOD_WORDS + BAD_WORDS)
+
+
+def make_pairs(n: int, seed: int = 0):
+    """n preference rows: prompt, chosen (all slots good), rejected (all slots bad), identical filler."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        filler_seed = rng.randrange(1 << 30)
+        good = rng.sample(GOOD_WORDS, N_SLOTS)
+        bad = rng.sample(BAD_WORDS, N_SLOTS)
+        chosen = _response(random.Random(filler_seed), topic, good)
+        rejected = _response(random.Random(filler_seed), topic, bad)
+        rows.append({"prompt": _prompt(topic), "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def make_sft_rows(n: int, seed: int = 0):
+    """n instruction rows whose answers mix good and bad key words at random (a neutral reference)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        words = [rng.choice(GOOD_WORDS if rng.random() < 0.5 else BAD_WORDS) for _ in range(N_SLOTS)]
+        rows.append({"prompt": _prompt(topic), "response": _response(rng, topic, words)})
+    return rows
+
+
+def _write_jsonl(path: str, rows) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_sft_data(path: str, n: int = 64, seed: int = 0) -> str:
+    """UltraChat-style rows: ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``."""
+    rows = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
+        for r in make_sft_rows(n, seed)
+    ]
+    return _write_jsonl(path, rows)
+
+
+def write_preference_data(path: str, n: int = 64, seed: int = 0, shape: str = "ultrafeedback") -> str:
+    """Preference rows in one of two shapes.
+
+    ``ultrafeedback`` (UltraFeedback-binarized): ``prompt`` string; ``chosen`` and ``rejected`` message lists
+    ``[user, assistant]`` (use ``--data.apply_chat_template``, no ``--data.prompt_key``).
+    ``plain``: ``prompt``, ``chosen``, ``rejected`` strings (use ``--data.prompt_key prompt``).
+    """
+    rows = []
+    for r in make_pairs(n, seed):
+        if shape == "plain":
+            rows.append(r)
+        elif shape == "ultrafeedback":
+            user = {"role": "user", "content": r["prompt"]}
+            rows.append(
+                {
+                    "prompt": r["prompt"],
+                    "chosen": [user, {"role": "assistant", "content": r["chosen"]}],
+                    "rejected": [user, {"role": "assistant", "content": r["rejected"]}],
+                }
+            )
+        else:
+            raise ValueError(f"shape must be 'ultrafeedback' or 'plain', got {shape!r}")
+    return _write_jsonl(path, rows)
+
+
+def _corpus():
+    text = [_prompt(t) for t in TOPICS]
+    text += [" ".join(GOOD_WORDS), " ".join(BAD_WORDS), " ".join(FILLER), "The . , ! ?"]
+    text += [r["response"] for r in make_sft_rows(200, seed=12345)]
+    return text
+
+
+def build_tokenizer(output_dir: str, vocab_size: int = 512):
+    """Train a Metaspace BPE tokenizer on the task's text; save it (with chat template) to output_dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=["\n"], show_progress=False
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=SPECIAL_TOKENS[4:],
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.save_pretrained(output_dir)
+    return hf_tok
+
+
+def build_model(
+    output_dir: str,
+    tokenizer_dir: str = None,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vocab_size: int = None,
+    seed: int = 0,
+):
+    """A randomly initialised tiny Llama saved with its tokenizer. ``vocab_size`` defaults to the tokenizer's;
+    a larger one pads the embedding (the benchmarks use this to make the log-softmax cost realistic)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if tokenizer_dir is None:
+        tokenizer = build_tokenizer(output_dir)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer.save_pretrained(output_dir)
+    config = LlamaConfig(
+        vocab_size=max(vocab_size or 0, len(tokenizer)),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(output_dir)
+    return output_dir
+
+
+def main(argv=None):
+    """``python -m openrlhf_sepo.tiny OUT_DIR``: tokenizer, base model and data for a tiny CPU run."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("output_dir")
+    parser.add_argument("--n_sft", type=int, default=64)
+    parser.add_argument("--n_pairs", type=int, default=64)
+    parser.add_argument("--hidden_size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = args.output_dir
+    build_tokenizer(os.path.join(out, "tokenizer"))
+    build_model(os.path.join(out, "base"), os.path.join(out, "tokenizer"), args.hidden_size, seed=args.seed)
+    write_sft_data(os.path.join(out, "sft.jsonl"), args.n_sft, args.seed)
+    write_preference_data(os.path.join(out, "pairs.jsonl"), args.n_pairs, args.seed + 1)
+    write_preference_data(os.path.join(out, "pairs_plain.jsonl"), args.n_pairs, args.seed + 1, shape="plain")
+    print(f"tiny model, tokenizer and data written to {out}")
+
+
+if __name__ == "__main__":
+    main()
