@@ -80,3 +80,67 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "chat_template": getattr(tokenizer, "chat_template", None),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 2048) -> torch.Tensor:
+    """``log p(labels) = logits[label] - logsumexp(logits)`` in fp32, on the logits' device.
+
+    Args:
+        logits: [..., V] in any float dtype. labels: [...] long, same leading shape.
+    Returns:
+        fp32 tensor of ``labels``' shape.
+
+    Upcasts ``chunk_tokens`` positions at a time, so bf16 logits are never copied whole to fp32 and no
+    [T, V] log-softmax is ever materialised (fp32 logits are used in place).
+    """
+    vocab = logits.shape[-1]
+    flat, flat_labels = logits.reshape(-1, vocab), labels.reshape(-1, 1)
+    out = torch.empty(flat_labels.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, flat.shape[0], chunk_tokens):
+        block = flat[start : start + chunk_tokens].float()
+        picked = block.gather(1, flat_labels[start : start + chunk_tokens]).squeeze(1)
+        out[start : start + chunk_tokens] = picked - torch.logsumexp(block, dim=-1)
+    return out.view(labels.shape)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+    """``log pi(ids[t] | ids[<t])`` for every position t in [start, T) of a right-padded batch: [B, T - start], fp32.
+
+    Position t-1 of a causal LM's logits predicts ids[t], so only the logits of positions start-1 .. T-1 are
+    computed (``logits_to_keep``): prompt logits are never materialised. ``start`` must be >= 1 (token 0
+    has no context). Column j is the log-prob of ids[:, start + j]; padding columns hold garbage.
+    """
+    if start < 1:
+        raise ValueError("start must be >= 1: the first token of a sequence has no context to be scored from")
+    width = input_ids.shape[1]
+    keep = width - start + 1
+    if _accepts_logits_to_keep(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False).logits
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, -keep:]
+    # Last kept position predicts past the end; give it a dummy label and drop it, instead of slicing the
+    # logits (a slice would force a copy of the whole [B, keep, V] tensor in label_logprobs' reshape).
+    labels = torch.cat([input_ids[:, start:], input_ids[:, :1]], dim=1)
+    return label_logprobs(logits, labels)[:, :-1]
+
+
+@torch.inference_mode()
+def token_scores(oracle, ref, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens, lengths):
+    """Token rewards of a right-padded batch of sequences, one fp32 CPU tensor per row.
+
+    Row i gets ``r_t = log pi_oracle(y_t | .) - log pi_ref(y_t | .)`` for every response token
+    t in [prompt_lens[i], lengths[i]) -- the first response token and EOS included -- in order.
+    Both models run on the batch's device; only the [B, T'] score matrix is copied to the host.
+    """
+    prompt_lens, lengths = [int(p) for p in prompt_lens], [int(n) for n in lengths]
+    start = min(prompt_lens)
+    scores = response_logprobs(oracle, input_ids, attention_mask, start)
+    scores -= response_logprobs(ref, input_ids, attention_mask, start)
+    scores = scores.cpu()
+    return [scores[i, p - start : n - start] for i, (p, n) in enumerate(zip(prompt_lens, lengths))]
