@@ -1,0 +1,540 @@
+"""Evaluate HF checkpoints on preference pairs and on generations.
+
+``python -m openrlhf_sepo.cli.evaluate --models sft=PATH,dpo=PATH,sepo=PATH [--baseline sft] ...``
+(also through ``python -m openrlhf_sepo.cpu openrlhf_sepo.cli.evaluate ...``). Plain single process, no
+DeepSpeed: under a launcher only rank 0 evaluates.
+
+Metrics per model (docs/evaluation.md lists every flag and output key):
+
+- ``pairwise_accuracy`` = mean over pairs of 1[ u(y_w) > u(y_l) ], with u(y) = mean over response tokens
+  (EOS included, prompt excluded) of log pi(y_t | x, y_<t): the length-normalised log-prob. ``mean_margin`` =
+  mean of u(y_w) - u(y_l). Pairs are tokenized by OpenRLHF's ``RewardDataset(is_dpo=True)``, so exactly as
+  ``openrlhf.cli.train_dpo`` sees them with the same ``--data.*`` flags.
+- ``reward_mean`` = mean reward of one generation per prompt, scored by the embedded task's
+  ``openrlhf_sepo.tiny.ground_truth_reward`` or by an OpenRLHF reward model on prompt + response tokenized by
+  ``RewardDataset(is_dpo=False)`` (as ``openrlhf.cli.train_rm`` saw its pairs).
+- ``win_rate_vs_<baseline>`` = mean over prompts of 1[r_model > r_base] + 0.5 * 1[r_model == r_base].
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Optional
+
+import openrlhf_sepo  # noqa: F401  (flash-attn kernel placeholder, before anything imports OpenRLHF)
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+GROUND_TRUTH = "ground_truth"
+
+
+class EvaluationInputError(ValueError):
+    """A bad flag or input row, found before any compute; the message names the flag or the row."""
+
+
+@dataclass
+class DataFlags:
+    """The ``--data.*`` flags of ``openrlhf.cli.train_dpo`` that decide which pairs are read and how they are
+    tokenized; defaults are OpenRLHF's. The field names are what ``RewardDataset`` reads from ``args.data``."""
+
+    dataset: Optional[str] = None
+    dataset_split: str = "train"
+    max_samples: int = 1000000
+    prompt_key: Optional[str] = None
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    input_template: Optional[str] = None
+    apply_chat_template: bool = False
+    tokenizer_chat_template: Optional[str] = None
+    max_len: int = 512
+
+
+@dataclass
+class GenFlags:
+    """The ``--gen.*`` flags: which prompts are answered and how."""
+
+    prompts: Optional[str] = None  # data file with one prompt per row; None: the preference data's prompts
+    prompt_key: str = "prompt"
+    split: str = "train"
+    n_prompts: int = 64  # 0 disables generation
+    max_new_tokens: int = 128
+    greedy: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 42
+    n_samples: int = 3  # generations kept in the output per model
+
+
+def _strategy(data: DataFlags):
+    """The few attributes of an OpenRLHF strategy that ``blending_datasets`` and ``RewardDataset`` read."""
+    return SimpleNamespace(
+        args=SimpleNamespace(data=data, use_ms=False),
+        print=lambda *a, **k: None,
+        is_rank_0=lambda: False,  # only gates a debug print of the loaded datasets
+    )
+
+
+def load_rows(path: str, split: str = "train", max_samples: int = 1000000):
+    """Rows of any data set OpenRLHF's ``blending_datasets`` reads (jsonl, json, parquet, a saved dataset
+    directory, a hub name; comma-separated for several), as a ``datasets.Dataset``."""
+    from openrlhf.datasets.utils import blending_datasets
+
+    rows = blending_datasets(path, None, _strategy(DataFlags()), max_count=max_samples, dataset_split=split)
+    return rows.select(range(min(max_samples, len(rows))))
+
+
+def _as_dataset(rows):
+    from datasets import Dataset
+
+    return rows if isinstance(rows, Dataset) else Dataset.from_list(list(rows))
+
+
+def _reward_dataset(rows, tokenizer, data: DataFlags, is_dpo: bool):
+    from openrlhf.datasets import RewardDataset
+
+    # One process: evaluation sets are small, and worker start-up costs more than it saves on few cores.
+    return RewardDataset(
+        _as_dataset(rows), tokenizer, data.max_len, _strategy(data), data.input_template, is_dpo=is_dpo,
+        num_processors=1,
+    )
+
+
+def _batches(dataset, batch_size: int):
+    for start in range(0, len(dataset), batch_size):
+        yield dataset.collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
+def _device_of(model):
+    return next(model.parameters()).device
+
+
+def load_policy(path: str, param_dtype: str = "fp32", attn_implementation: str = "sdpa", device=None):
+    """(causal LM in eval mode on ``device``, tokenizer with left padding) for an HF checkpoint."""
+    import torch
+    from openrlhf.utils import get_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, DTYPES[param_dtype]), attn_implementation=attn_implementation,
+        trust_remote_code=True,
+    )
+    model.to(device or default_device()).eval()
+    return model, get_tokenizer(path, model, "left")
+
+
+def load_reward_model(path: str, param_dtype: str = "fp32", attn_implementation: str = "sdpa", device=None):
+    """(OpenRLHF reward model in eval mode, tokenizer) via ``get_llm_for_sequence_regression(path, "reward")``.
+
+    ``forward(input_ids, attention_mask)`` returns one scalar per row: the value head at the last attended
+    token. The mean/std that ``train_rm`` stores in config.json are not applied (normalize_reward=False).
+    """
+    import torch
+    from openrlhf.models import get_llm_for_sequence_regression
+    from openrlhf.utils import get_tokenizer
+
+    # OpenRLHF's param_dtype knows only bf16/fp16; transformers gives `dtype` precedence over the
+    # `torch_dtype` OpenRLHF passes, so fp32 (the CPU default) arrives through `dtype`.
+    model = get_llm_for_sequence_regression(
+        path, "reward", param_dtype="bf16", attn_implementation=attn_implementation,
+        dtype=getattr(torch, DTYPES[param_dtype]),
+    )
+    model.to(device or default_device()).eval()
+    return model, get_tokenizer(path, model, "left")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pairwise_accuracy(model, tokenizer, rows, data: DataFlags = None, batch_size: int = 8) -> dict:
+    """Length-normalised log-prob preference of ``model`` on preference ``rows``.
+
+    rows: a ``datasets.Dataset`` or a list of dicts in the shape ``data`` (``--data.*`` flags) describes.
+    u(y) = mean_{t in response} log pi(y_t | x, y_<t), response = tokens after the prompt, EOS included.
+    Returns ``{"pairwise_accuracy": mean 1[u(y_w) > u(y_l)], "mean_margin": mean u(y_w) - u(y_l),
+    "n_pairs": pairs left after OpenRLHF's filter of prompts longer than max_len - 2, "margins": [...]}``.
+    """
+    import torch
+    from openrlhf.models.utils import log_probs_from_logits
+
+    data = data or DataFlags()
+    dataset = _reward_dataset(rows, tokenizer, data, is_dpo=True)
+    device = _device_of(model)
+    margins = []
+    with torch.no_grad():
+        for chosen_ids, c_mask, reject_ids, r_mask, prompt_lens in _batches(dataset, batch_size):
+            means = []
+            for ids, mask in ((chosen_ids, c_mask), (reject_ids, r_mask)):
+                ids, mask = ids.to(device), mask.to(device)
+                logits = model(ids, attention_mask=mask).logits.float()
+                logps = log_probs_from_logits(logits[:, :-1], ids[:, 1:])  # [B, T-1]: position t is log p(ids[t+1])
+                # Response targets: ids[t+1] with t+1 >= prompt length and attended (right padding).
+                positions = torch.arange(1, ids.shape[1], device=device)
+                targets = mask[:, 1:].bool() & (positions >= torch.tensor(prompt_lens, device=device)[:, None])
+                means.append((logps * targets).sum(-1) / targets.sum(-1))
+            margins += (means[0] - means[1]).tolist()
+    n = len(margins)
+    return {
+        "pairwise_accuracy": sum(m > 0 for m in margins) / n if n else float("nan"),
+        "mean_margin": sum(margins) / n if n else float("nan"),
+        "n_pairs": n,
+        "margins": margins,
+    }
+
+
+def render_prompt(tokenizer, prompt, data: DataFlags) -> str:
+    """The text a policy continues: a user prompt (string) or a message list through the chat template
+    with the generation prompt (``--data.apply_chat_template``), else ``--data.input_template`` or as is."""
+    if data.apply_chat_template:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return tokenizer.apply_chat_template(
+            messages, chat_template=data.tokenizer_chat_template, tokenize=False, add_generation_prompt=True
+        )
+    if not isinstance(prompt, str):
+        raise EvaluationInputError("a message-list prompt needs --data.apply_chat_template")
+    return data.input_template.format(prompt) if data.input_template else prompt
+
+
+def generate(model, tokenizer, prompts, data: DataFlags = None, gen: GenFlags = None, batch_size: int = 8):
+    """One response (decoded text, special tokens dropped) per prompt, batched with left padding.
+
+    Greedy with ``gen.greedy``, else sampling at ``gen.temperature`` / ``gen.top_p`` from seed ``gen.seed``
+    (the same seed for every model). Stops at the tokenizer's EOS or after ``gen.max_new_tokens``.
+    """
+    import torch
+
+    data, gen = data or DataFlags(), gen or GenFlags()
+    tokenizer.padding_side = "left"
+    device = _device_of(model)
+    sampling = {} if gen.greedy else {"temperature": gen.temperature, "top_p": gen.top_p}
+    torch.manual_seed(gen.seed)
+    responses = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            texts = [render_prompt(tokenizer, p, data) for p in prompts[start : start + batch_size]]
+            # The chat template already holds any BOS, as in OpenRLHF's datasets.
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(
+                **batch, max_new_tokens=gen.max_new_tokens, do_sample=not gen.greedy,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling,
+            )
+            new_tokens = out[:, batch["input_ids"].shape[1] :]
+            responses += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return responses
+
+
+def ground_truth_rewards(responses) -> list:
+    """The embedded key-word task's truth, ``openrlhf_sepo.tiny.ground_truth_reward``, per response."""
+    from openrlhf_sepo.tiny import ground_truth_reward
+
+    return [ground_truth_reward(r) for r in responses]
+
+
+def reward_model_rewards(reward_model, tokenizer, prompts, responses, data: DataFlags = None, batch_size=8):
+    """One scalar per (prompt, response) from an OpenRLHF reward model, on the text ``train_rm`` would build.
+
+    With ``--data.apply_chat_template`` the row is the conversation [user prompt, assistant response] (a
+    message-list prompt is used as is); otherwise prompt (through ``--data.input_template``) + response.
+    ``RewardDataset(is_dpo=False)`` then strips, appends EOS, truncates at ``max_len`` and left-pads.
+    """
+    import torch
+
+    data = data or DataFlags()
+    if data.apply_chat_template:
+        rows = []
+        for prompt, response in zip(prompts, responses):
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            messages = messages + [{"role": "assistant", "content": response}]
+            rows.append({"chosen": messages, "rejected": messages})
+        flags = dataclasses.replace(data, prompt_key=None, chosen_key="chosen", rejected_key="rejected")
+    else:
+        rows = [{"prompt": p, "chosen": r, "rejected": r} for p, r in zip(prompts, responses)]
+        flags = dataclasses.replace(data, prompt_key="prompt", chosen_key="chosen", rejected_key="rejected")
+    dataset = _reward_dataset(rows, tokenizer, flags, is_dpo=False)
+    device = _device_of(reward_model)
+    rewards = []
+    with torch.no_grad():
+        for ids, mask, _, _, _ in _batches(dataset, batch_size):  # chosen == rejected: score one copy
+            rewards += reward_model(ids.to(device), attention_mask=mask.to(device)).float().tolist()
+    return rewards
+
+
+def win_rate(rewards, baseline_rewards) -> float:
+    """mean_i 1[r_i > b_i] + 0.5 * 1[r_i == b_i]: prompts paired by position."""
+    if len(rewards) != len(baseline_rewards):
+        raise ValueError(f"win rate needs one reward per prompt for both: {len(rewards)} != {len(baseline_rewards)}")
+    if not rewards:
+        return float("nan")
+    return sum(1.0 if r > b else 0.5 if r == b else 0.0 for r, b in zip(rewards, baseline_rewards)) / len(rewards)
+
+
+def preference_prompts(rows, data: DataFlags) -> list:
+    """The distinct prompts of preference rows, in order: ``row[--data.prompt_key]``, or with
+    ``--data.apply_chat_template`` and no prompt key the chosen conversation without its last turn."""
+    prompts, seen = [], set()
+    for i, row in enumerate(rows):
+        if data.prompt_key:
+            prompt = row[data.prompt_key]
+        elif data.apply_chat_template and isinstance(row[data.chosen_key], list):
+            prompt = row[data.chosen_key][:-1]
+        else:
+            raise EvaluationInputError(
+                f"row {i} of --data.dataset has no prompt: give --data.prompt_key, or --data.apply_chat_template "
+                "with message-list responses, or held-out prompts with --gen.prompts"
+            )
+        key = json.dumps(prompt, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(prompt)
+    return prompts
+
+
+def _check_tokenizer(path: str, flag: str, data: DataFlags):
+    """Fail before any compute when a checkpoint cannot be read or lacks a chat template it needs."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    except Exception as e:  # OSError for a missing path, ValueError for a broken config, ...
+        raise EvaluationInputError(f"{flag}: cannot load a model and tokenizer from {path!r}: {e}") from e
+    if data.apply_chat_template and not data.tokenizer_chat_template and not tokenizer.chat_template:
+        raise EvaluationInputError(
+            f"{flag}: the tokenizer at {path!r} has no chat template, but --data.apply_chat_template is set; "
+            "give --data.tokenizer_chat_template or drop --data.apply_chat_template"
+        )
+
+
+def _check_rows(rows, keys: dict, where: str):
+    if len(rows) == 0:
+        raise EvaluationInputError(f"{where} has no rows")
+    for flag, key in keys.items():
+        if key and key not in rows.column_names:
+            raise EvaluationInputError(f"{flag} {key!r} is not a column of {where} (columns: {rows.column_names})")
+
+
+def evaluate_models(
+    models: dict,
+    baseline: str = None,
+    data: DataFlags = None,
+    gen: GenFlags = None,
+    reward: str = None,
+    reward_model_path: str = None,
+    param_dtype: str = "fp32",
+    attn_implementation: str = "sdpa",
+    device: str = None,
+    batch_size: int = 8,
+) -> dict:
+    """Evaluate every checkpoint in ``models`` ({name: HF path}, in order) and return the output document.
+
+    Pairwise metrics run when ``data.dataset`` is set; generation runs when ``gen.n_prompts > 0`` on
+    ``gen.prompts`` (else the preference data's prompts) and needs ``reward="ground_truth"`` or
+    ``reward_model_path``. ``baseline`` (default: the first model) is the reference of the win rates.
+    All inputs are checked before any model is loaded; a bad one raises EvaluationInputError (a ValueError) naming its flag.
+    Returns ``{"baseline", "reward_source", "n_pairs", "n_prompts", "models": {name: metrics}}``.
+    """
+    data, gen = data or DataFlags(), gen or GenFlags()
+    if not models:
+        raise EvaluationInputError("--models: give at least one NAME=PATH")
+    baseline = baseline or next(iter(models))
+    if baseline not in models:
+        raise EvaluationInputError(f"--baseline {baseline!r} is not one of --models ({', '.join(models)})")
+    if param_dtype not in DTYPES:
+        raise EvaluationInputError(f"--ds.param_dtype must be one of {sorted(DTYPES)}, got {param_dtype!r}")
+    if data.input_template and "{}" not in data.input_template:
+        raise EvaluationInputError(f"--data.input_template must contain '{{}}' for the prompt, got {data.input_template!r}")
+    generating = gen.n_prompts > 0
+    if not data.dataset and not (generating and gen.prompts):
+        raise EvaluationInputError("nothing to evaluate: give --data.dataset (pairs) and/or --gen.prompts (generation)")
+    if generating and reward is None and reward_model_path is None:
+        raise EvaluationInputError(
+            "generations need a reward source: --reward ground_truth or --reward.model_name_or_path PATH "
+            "(or --gen.n_prompts 0 to skip generation)"
+        )
+    if reward is not None and reward_model_path is not None:
+        raise EvaluationInputError("give either --reward ground_truth or --reward.model_name_or_path, not both")
+    if reward is not None and reward != GROUND_TRUTH:
+        raise EvaluationInputError(f"--reward must be {GROUND_TRUTH!r} (or use --reward.model_name_or_path), got {reward!r}")
+    if generating and not gen.greedy and not gen.temperature > 0:
+        raise EvaluationInputError(f"--gen.temperature must be > 0 for sampling (or use --gen.greedy), got {gen.temperature}")
+    for name, path in models.items():
+        _check_tokenizer(path, f"--models {name}", data)
+    if generating and reward_model_path:
+        _check_tokenizer(reward_model_path, "--reward.model_name_or_path", data)
+
+    pairs = prompts = None
+    if data.dataset:
+        try:
+            pairs = load_rows(data.dataset, data.dataset_split, data.max_samples)
+        except Exception as e:
+            raise EvaluationInputError(f"--data.dataset: cannot read {data.dataset!r}: {e}") from e
+        _check_rows(pairs, {"--data.chosen_key": data.chosen_key, "--data.rejected_key": data.rejected_key,
+                            "--data.prompt_key": data.prompt_key}, f"--data.dataset {data.dataset}")
+    if generating and gen.prompts:
+        try:
+            prompt_rows = load_rows(gen.prompts, gen.split)
+        except Exception as e:
+            raise EvaluationInputError(f"--gen.prompts: cannot read {gen.prompts!r}: {e}") from e
+        _check_rows(prompt_rows, {"--gen.prompt_key": gen.prompt_key}, f"--gen.prompts {gen.prompts}")
+        prompts = list(prompt_rows[gen.prompt_key])[: gen.n_prompts]
+    elif generating:
+        prompts = preference_prompts(pairs, data)[: gen.n_prompts]
+
+    results, responses = {}, {}
+    for name, path in models.items():
+        model, tokenizer = load_policy(path, param_dtype, attn_implementation, device)
+        metrics = {"path": path}
+        if pairs is not None:
+            scores = pairwise_accuracy(model, tokenizer, pairs, data, batch_size)
+            metrics.update({k: scores[k] for k in ("pairwise_accuracy", "mean_margin", "n_pairs")})
+        if prompts is not None:
+            responses[name] = generate(model, tokenizer, prompts, data, gen, batch_size)
+        results[name] = metrics
+        del model
+
+    reward_source = None
+    if prompts is not None:
+        if reward == GROUND_TRUTH:
+            reward_source = GROUND_TRUTH
+            rewards = {name: ground_truth_rewards(r) for name, r in responses.items()}
+        else:
+            reward_source = f"reward_model:{reward_model_path}"
+            rm, rm_tokenizer = load_reward_model(reward_model_path, param_dtype, attn_implementation, device)
+            rewards = {
+                name: reward_model_rewards(rm, rm_tokenizer, prompts, r, data, batch_size)
+                for name, r in responses.items()
+            }
+        for name, metrics in results.items():
+            metrics.update(
+                reward_mean=sum(rewards[name]) / len(prompts) if prompts else float("nan"),
+                n_prompts=len(prompts),
+                reward_source=reward_source,
+                samples=[
+                    {"prompt": p, "response": r, "reward": s}
+                    for p, r, s in list(zip(prompts, responses[name], rewards[name]))[: gen.n_samples]
+                ],
+            )
+            metrics[f"win_rate_vs_{baseline}"] = win_rate(rewards[name], rewards[baseline])
+    return {
+        "baseline": baseline,
+        "reward_source": reward_source,
+        "n_pairs": next(iter(results.values())).get("n_pairs", 0),
+        "n_prompts": len(prompts) if prompts is not None else 0,
+        "models": results,
+    }
+
+
+def format_table(report: dict) -> str:
+    """A compact text table: one row per model, one column per scalar metric present."""
+    win = f"win_rate_vs_{report['baseline']}"
+    columns = [c for c in ("pairwise_accuracy", "mean_margin", "reward_mean", win)
+               if any(c in m for m in report["models"].values())]
+    width = max(len("model"), *(len(n) for n in report["models"]))
+    lines = ["  ".join([f"{'model':<{width}}", *(f"{c:>{max(len(c), 10)}}" for c in columns)])]
+    for name, m in report["models"].items():
+        cells = [f"{m.get(c, float('nan')):>{max(len(c), 10)}.4f}" for c in columns]
+        lines.append("  ".join([f"{name:<{width}}", *cells]))
+    lines.append(f"pairs: {report['n_pairs']}  prompts: {report['n_prompts']}  reward: {report['reward_source']}")
+    return "\n".join(lines)
+
+
+def parse_models(spec: str) -> dict:
+    """``"sft=PATH,dpo=PATH"`` -> ``{"sft": PATH, "dpo": PATH}`` (order kept); a bare PATH is named by its
+    directory name."""
+    models = {}
+    for item in filter(None, (s.strip() for s in (spec or "").split(","))):
+        name, path = item.split("=", 1) if "=" in item else (os.path.basename(item.rstrip("/")), item)
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise EvaluationInputError(f"--models: {item!r} is not NAME=PATH")
+        if name in models:
+            raise EvaluationInputError(f"--models: name {name!r} given twice")
+        models[name] = path
+    return models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", required=True, help="NAME=PATH[,NAME=PATH...]: HF checkpoints to evaluate")
+    p.add_argument("--baseline", default=None, help="NAME of the win-rate reference (default: the first model)")
+    p.add_argument("--output", default=None, help="JSON file for the full report")
+    p.add_argument("--batch_size", type=int, default=8, help="sequences per forward / generate call")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--local_rank", type=int, default=-1, help="accepted from launchers; evaluation is 1 process")
+    p.add_argument("--ds.param_dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--ds.attn_implementation", default="sdpa", help="eager, sdpa, flash_attention_2, ...")
+    d = DataFlags()
+    p.add_argument("--data.dataset", default=d.dataset, help="preference data, as for openrlhf.cli.train_dpo")
+    p.add_argument("--data.dataset_split", default=d.dataset_split)
+    p.add_argument("--data.max_samples", type=int, default=d.max_samples)
+    p.add_argument("--data.prompt_key", default=d.prompt_key)
+    p.add_argument("--data.chosen_key", default=d.chosen_key)
+    p.add_argument("--data.rejected_key", default=d.rejected_key)
+    p.add_argument("--data.input_template", default=d.input_template)
+    p.add_argument("--data.apply_chat_template", action="store_true", default=False)
+    p.add_argument("--data.tokenizer_chat_template", default=d.tokenizer_chat_template)
+    p.add_argument("--data.max_len", type=int, default=d.max_len)
+    g = GenFlags()
+    p.add_argument("--gen.prompts", default=g.prompts, help="held-out prompts (default: the --data.dataset prompts)")
+    p.add_argument("--gen.prompt_key", default=g.prompt_key)
+    p.add_argument("--gen.split", default=g.split)
+    p.add_argument("--gen.n_prompts", type=int, default=g.n_prompts, help="first N prompts; 0 skips generation")
+    p.add_argument("--gen.max_new_tokens", type=int, default=g.max_new_tokens)
+    p.add_argument("--gen.greedy", action="store_true", default=False)
+    p.add_argument("--gen.temperature", type=float, default=g.temperature)
+    p.add_argument("--gen.top_p", type=float, default=g.top_p)
+    p.add_argument("--gen.seed", type=int, default=g.seed)
+    p.add_argument("--gen.n_samples", type=int, default=g.n_samples, help="generations kept per model in --output")
+    p.add_argument("--reward", dest="reward.source", default=None, choices=[GROUND_TRUTH],
+                   help="score generations with openrlhf_sepo.tiny.ground_truth_reward")
+    p.add_argument("--reward.model_name_or_path", default=None, help="score generations with an OpenRLHF RM")
+    return p
+
+
+def _section(args, prefix: str, cls):
+    return cls(**{f.name: getattr(args, f"{prefix}.{f.name}") for f in dataclasses.fields(cls)})
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # one evaluating process is enough; other launcher ranks have nothing to do
+    import datasets
+    import transformers
+
+    # Per-model loading and per-batch mapping bars would bury the table.
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        report = evaluate_models(
+            parse_models(args.models),
+            baseline=args.baseline,
+            data=_section(args, "data", DataFlags),
+            gen=_section(args, "gen", GenFlags),
+            reward=getattr(args, "reward.source"),
+            reward_model_path=getattr(args, "reward.model_name_or_path"),
+            param_dtype=getattr(args, "ds.param_dtype"),
+            attn_implementation=getattr(args, "ds.attn_implementation"),
+            device=args.device,
+            batch_size=args.batch_size,
+        )
+    except EvaluationInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, allow_nan=True)
+        print(f"report written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
