@@ -1,0 +1,260 @@
+"""``score_tokens`` output -> OpenRLHF DPO batches with key-token selection masks (SePO step 4, at load time).
+
+A scores dir holds ``data/*.parquet`` (columns ``index``, ``prompt_len``, ``chosen_input_ids``,
+``rejected_input_ids``, ``chosen_scores``, ``rejected_scores``; score j belongs to the token at absolute
+position ``prompt_len + j``) and ``manifest.json`` (``tokenizer.name_or_path``, ``tokenizer.fingerprint``,
+``data.max_len``, ``complete``). The ids are exactly those OpenRLHF's ``RewardDataset(is_dpo=True)`` made at
+scoring time, so training reads them as they are and never re-tokenizes.
+"""
+
+import json
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from openrlhf_sepo.scoring import num_selected, select_key_tokens, tokenizer_fingerprint
+
+SELECTION_MODES = ("per_response", "global")
+REQUIRED_COLUMNS = ("prompt_len", "chosen_input_ids", "rejected_input_ids", "chosen_scores", "rejected_scores")
+_ROWS_PER_CHUNK = 512  # per_response selection pads this many rows at a time (bounded memory)
+
+
+class ScoreDataError(ValueError):
+    """Bad scores dir, manifest, row, or selection setting; raised before any training step."""
+
+
+class KeyTokens(NamedTuple):
+    """The 5th element of a ``TokenScoreDataset`` batch: OpenRLHF's prompt lengths plus the two selection masks.
+
+    ``chosen_mask`` is [B, Lc-1] and ``rejected_mask`` [B, Lr-1] (bool) for chosen / rejected ids of width Lc /
+    Lr, in log-prob layout: entry t is True iff the token ids[t+1] is selected. Prompt and padding are False.
+    """
+
+    prompt_id_lens: list
+    chosen_mask: torch.Tensor
+    rejected_mask: torch.Tensor
+
+
+def read_manifest(score_dir: str) -> dict:
+    """The manifest of one finished ``score_tokens`` output dir, or a ``ScoreDataError`` saying what is wrong."""
+    if not os.path.isdir(score_dir):
+        raise ScoreDataError(f"scores dir {score_dir!r} does not exist (expected a score_tokens output dir)")
+    path = os.path.join(score_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise ScoreDataError(f"{score_dir!r} has no manifest.json: not a score_tokens output dir")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        fingerprint = manifest["tokenizer"]["fingerprint"]
+        manifest["data"]["max_len"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ScoreDataError(f"{path} is not a valid scores manifest ({type(e).__name__}: {e})") from None
+    if manifest.get("complete") is not True:
+        raise ScoreDataError(f"{path}: scoring did not complete ('complete' is not true); re-run score_tokens")
+    if not fingerprint:
+        raise ScoreDataError(f"{path}: empty tokenizer fingerprint")
+    return manifest
+
+
+def _list_column(table, name):
+    """(flat numpy values, per-row lengths) of a list column of a pyarrow table."""
+    import pyarrow.compute as pc
+
+    column = table.column(name).combine_chunks()
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    return column.flatten().to_numpy(zero_copy_only=False), lengths
+
+
+def _first_rows(bad, indices, limit=5):
+    rows = np.flatnonzero(bad)[:limit]
+    return ", ".join(f"row {r} (index={indices[r]})" for r in rows) + (" ..." if bad.sum() > limit else "")
+
+
+class TokenScoreDataset(Dataset):
+    """Preference pairs with token scores, selected into key-token masks at load.
+
+    Args:
+        dataset: one or more scores dirs, comma-separated (OpenRLHF's ``--data.dataset`` syntax).
+        tokenizer, max_length, strategy: as OpenRLHF's ``RewardDataset``. The tokenizer must be the one the
+            scores were made with (manifest fingerprint); a row longer than ``max_length`` is an error.
+        k_chosen, k_rejected: selection ratios in (0, 1].
+        selection: ``per_response`` (the paper: each response keeps its n = max(1, floor(k * N)) best tokens,
+            highest scores for chosen, lowest for rejected, ties to the earlier position) or ``global`` (one
+            score threshold per side from the whole data set: the ``max(1, floor(k * total))`` most extreme
+            scores over all responses of that side, ties to the earlier row and position, are selected, so a
+            response with many high-reward tokens gives more than a weak one; a response that would get none
+            keeps its single most extreme token, so no selection is empty).
+        max_samples: at most this many rows per scores dir and in total (as OpenRLHF's ``--data.max_samples``).
+
+    Item / batch: OpenRLHF's DPO 5-tuple ``(chosen_ids, chosen_attention, rejected_ids, rejected_attention,
+    extra)`` where ``extra`` is a ``KeyTokens`` (prompt lengths + the two selection masks in log-prob layout).
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        tokenizer,
+        max_length: int,
+        strategy=None,
+        k_chosen: float = 0.3,
+        k_rejected: float = 0.3,
+        selection: str = "per_response",
+        max_samples: int = 100000000,
+    ) -> None:
+        super().__init__()
+        import datasets as hf_datasets
+
+        if selection not in SELECTION_MODES:
+            raise ScoreDataError(f"selection must be one of {SELECTION_MODES}, got {selection!r}")
+        for name, k in (("k_chosen", k_chosen), ("k_rejected", k_rejected)):
+            if not 0.0 < k <= 1.0:
+                raise ScoreDataError(f"{name} must be in (0, 1], got {k}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.strategy = strategy
+        self.k_chosen, self.k_rejected, self.selection = k_chosen, k_rejected, selection
+        log = strategy.print if strategy is not None else print
+
+        expected = tokenizer_fingerprint(tokenizer)
+        parts, prompt_lens, scores = [], [], {"chosen": ([], []), "rejected": ([], [])}
+        for score_dir in [d.strip() for d in dataset.split(",") if d.strip()]:
+            manifest = read_manifest(score_dir)
+            if manifest["tokenizer"]["fingerprint"] != expected:
+                raise ScoreDataError(
+                    f"{score_dir!r} was scored with tokenizer {manifest['tokenizer'].get('name_or_path')!r} "
+                    f"(fingerprint {manifest['tokenizer']['fingerprint']}), but training uses "
+                    f"{getattr(tokenizer, 'name_or_path', '?')!r} (fingerprint {expected}): the scored ids would "
+                    "not be the trained ids. Re-score with the policy's tokenizer."
+                )
+            data_dir = os.path.join(score_dir, "data")
+            if not os.path.isdir(data_dir) or not any(f.endswith(".parquet") for f in os.listdir(data_dir)):
+                raise ScoreDataError(f"{score_dir!r} has no data/*.parquet")
+            part = hf_datasets.load_dataset("parquet", data_dir=data_dir, split="train")
+            missing = [c for c in REQUIRED_COLUMNS if c not in part.column_names]
+            if missing:
+                raise ScoreDataError(f"{score_dir!r}: parquet lacks columns {missing}")
+            part = part.select(range(min(max_samples, len(part))))
+            table = part.with_format("arrow")[:]
+            self._check_rows(score_dir, manifest, table, prompt_lens, scores)
+            parts.append(part)
+            log(f"TokenScoreDataset: {len(part)} pairs from {score_dir}")
+        if not parts:
+            raise ScoreDataError(f"no scores dir given (dataset={dataset!r})")
+
+        total = min(max_samples, sum(len(p) for p in parts))
+        self.data = hf_datasets.concatenate_datasets(parts).select(range(total))
+        self.prompt_lens = np.concatenate(prompt_lens)[:total]
+        # Flat per-token selection for each side, with row offsets: one byte per scored token.
+        self.selected, self.offsets = {}, {}
+        for side, k, largest in (("chosen", k_chosen, True), ("rejected", k_rejected, False)):
+            values = np.concatenate(scores[side][0])
+            lengths = np.concatenate(scores[side][1])[:total]
+            values = values[: lengths.sum()]
+            self.offsets[side] = np.concatenate([[0], np.cumsum(lengths)])
+            self.selected[side] = self._select(torch.from_numpy(values), torch.from_numpy(lengths), k, largest, log)
+        kept = sum(int(m.sum()) for m in self.selected.values())
+        scored = sum(len(m) for m in self.selected.values())
+        log(f"TokenScoreDataset: {total} pairs, {selection} selection keeps {kept}/{scored} response tokens")
+
+    def _check_rows(self, score_dir, manifest, table, prompt_lens, scores):
+        """Reject rows whose ids, prompt length and scores do not fit together, naming them."""
+        indices = table.column("index").to_numpy() if "index" in table.column_names else np.arange(table.num_rows)
+        prompt_len = table.column("prompt_len").to_numpy().astype(np.int64)
+        problems = [(prompt_len < 1, "has prompt_len < 1: its first response token has no log-prob to train")]
+        for side in ("chosen", "rejected"):
+            _, n_ids = _list_column(table, f"{side}_input_ids")
+            values, n_scores = _list_column(table, f"{side}_scores")
+            values = values.astype(np.float64)
+            finite = np.isfinite(values)
+            bad_values = np.zeros(table.num_rows, dtype=bool)
+            bad_values[np.repeat(np.arange(table.num_rows), n_scores)[~finite]] = True
+            problems += [
+                (n_scores != n_ids - prompt_len, f"has len({side}_scores) != len({side}_input_ids) - prompt_len"),
+                (n_scores < 1, f"has an empty {side} response"),
+                (bad_values, f"has NaN or infinite {side}_scores"),
+                (
+                    n_ids > self.max_length,
+                    f"has {side} ids longer than --data.max_len {self.max_length} (scored with max_len "
+                    f"{manifest['data']['max_len']}): raise --data.max_len or re-score with a smaller one",
+                ),
+            ]
+            scores[side][0].append(values)
+            scores[side][1].append(n_scores)
+        for bad, what in problems:
+            if bad.any():
+                raise ScoreDataError(f"{score_dir!r}: {int(bad.sum())} row(s) {what}: {_first_rows(bad, indices)}")
+        prompt_lens.append(prompt_len)
+
+    def _select(self, values, lengths, k, largest, log):
+        """Flat bool selection over all responses of one side (see the class docstring for the two modes)."""
+        rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        positions = torch.arange(len(values)) - starts[rows]
+        if self.selection == "per_response":
+            selected = torch.zeros(len(values), dtype=torch.bool)
+            for first in range(0, len(lengths), _ROWS_PER_CHUNK):
+                last = min(first + _ROWS_PER_CHUNK, len(lengths))
+                lo, hi = int(starts[first]), int(starts[last - 1] + lengths[last - 1])
+                padded = torch.zeros(last - first, int(lengths[first:last].max()), dtype=values.dtype)
+                padded[rows[lo:hi] - first, positions[lo:hi]] = values[lo:hi]
+                mask = select_key_tokens(padded, k, largest, lengths[first:last])
+                selected[lo:hi] = mask[rows[lo:hi] - first, positions[lo:hi]]
+            return selected.numpy()
+        # global: rank every token of this side by score (stable: ties keep row, position order).
+        order = torch.sort(-values if largest else values, stable=True).indices
+        n = num_selected(len(values), k)
+        selected = torch.zeros(len(values), dtype=torch.bool)
+        selected[order[:n]] = True
+        log(f"TokenScoreDataset: global {'chosen' if largest else 'rejected'} threshold {values[order[n - 1]]:.4g}")
+        per_row = torch.zeros(len(lengths), dtype=torch.long).index_add_(0, rows, selected.long())
+        for row in (per_row == 0).nonzero().flatten().tolist():  # never empty: keep the row's own extreme
+            lo = int(starts[row])
+            row_values = values[lo : lo + int(lengths[row])]
+            best = torch.argmax(row_values) if largest else torch.argmin(row_values)  # first extreme on ties
+            selected[lo + int(best)] = True
+        return selected.numpy()
+
+    def __len__(self):
+        return len(self.data)
+
+    def _logprob_mask(self, side, idx, prompt_len, width):
+        """Selection of row idx in log-prob layout [1, width-1]: score j -> token prompt_len + j -> entry prompt_len + j - 1."""
+        mask = torch.zeros(1, width - 1, dtype=torch.bool)
+        mask[0, prompt_len - 1 :] = torch.from_numpy(self.selected[side][self.offsets[side][idx] : self.offsets[side][idx + 1]])
+        return mask
+
+    def __getitem__(self, idx):
+        row = self.data[idx]
+        prompt_len = int(self.prompt_lens[idx])
+        chosen_ids = torch.tensor(row["chosen_input_ids"], dtype=torch.long).unsqueeze(0)
+        rejected_ids = torch.tensor(row["rejected_input_ids"], dtype=torch.long).unsqueeze(0)
+        return (
+            chosen_ids,
+            torch.ones_like(chosen_ids),
+            rejected_ids,
+            torch.ones_like(rejected_ids),
+            prompt_len,
+            self._logprob_mask("chosen", idx, prompt_len, chosen_ids.shape[1]),
+            self._logprob_mask("rejected", idx, prompt_len, rejected_ids.shape[1]),
+        )
+
+    def collate_fn(self, item_list):
+        """Right-pad as OpenRLHF's ``RewardDataset.collate_fn`` (is_dpo): ids with pad_token_id, masks with 0."""
+        from openrlhf.utils.utils import zero_pad_sequences
+
+        chosen_ids, chosen_att, rejected_ids, rejected_att, prompt_lens, chosen_sel, rejected_sel = zip(*item_list)
+        pad = self.tokenizer.pad_token_id
+        return (
+            zero_pad_sequences(list(chosen_ids), side="right", value=pad),
+            zero_pad_sequences(list(chosen_att), side="right"),
+            zero_pad_sequences(list(rejected_ids), side="right", value=pad),
+            zero_pad_sequences(list(rejected_att), side="right"),
+            KeyTokens(
+                list(prompt_lens),
+                zero_pad_sequences(list(chosen_sel), side="right", value=False),
+                zero_pad_sequences(list(rejected_sel), side="right", value=False),
+            ),
+        )

@@ -1,0 +1,108 @@
+"""SePO policy training on OpenRLHF 0.11's ``DPOTrainer``: selected key tokens only, no reference model.
+
+How it overrides (the choice, and why). ``DPOTrainer.fit`` and ``evaluate`` are monolithic loops that unpack a
+5-tuple batch, run ``concatenated_forward`` on the policy and then on ``self.ref_model``, and hand the four
+results to ``self.loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected)``. Copying those loops
+would fork OpenRLHF's logging, evaluation, checkpoint/resume and gradient-accumulation code, so this trainer
+keeps both loops unchanged and makes their hooks SePO's:
+
+- batch: ``TokenScoreDataset`` batches keep the 5-tuple; their 5th element (OpenRLHF's prompt lengths) is a
+  ``KeyTokens`` that also carries the two selection masks.
+- forward: ``_get_batch_logps`` hands back the per-token log-probs [B, T-1] in place of their sum, so OpenRLHF's
+  own ``concatenated_forward`` (one policy forward over chosen+rejected, aux loss, NLL over the chosen response)
+  returns what SePO needs. For the reference slot, ``concatenated_forward`` returns the batch's selection masks:
+  ``ref_model`` is ``NoReferenceModel``, which has no weights and is never called, so no reference forward runs.
+- loss: ``loss_fn`` is ``SePOLoss(policy_chosen, policy_rejected, chosen_mask, rejected_mask)``, whose argument
+  order matches DPOLoss's with the masks in the reference slots. Its rewards are ``beta * u``, so fit's ``acc``
+  is ``u_w > u_l``.
+- logs: ``save_logs_and_checkpoints`` adds the selected-token mean log-probs, their margin and the fraction of
+  response tokens selected to OpenRLHF's logs (loss, acc, chosen/reject_reward, lr, grad_norm, nll_loss).
+"""
+
+import torch.nn.functional as F
+from openrlhf.trainer.dpo_trainer import DPOTrainer
+
+from openrlhf_sepo.loss import SePOLoss
+
+
+class NoReferenceModel:
+    """Fills ``DPOTrainer``'s ``ref_model`` slot. No weights, no forward: ``fit`` only calls ``eval()`` on it,
+    and ``SelectiveDPOTrainer.concatenated_forward`` answers for it with the batch's selection masks."""
+
+    def eval(self):
+        return self
+
+
+class SelectiveDPOTrainer(DPOTrainer):
+    """OpenRLHF ``DPOTrainer`` trained with ``SePOLoss(beta, gamma)`` on ``TokenScoreDataset`` batches.
+
+    Same arguments as ``DPOTrainer`` minus ``ref_model``, plus ``gamma``. Everything but the batch unpacking,
+    the per-token forward and the loss is OpenRLHF's (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        model,
+        strategy,
+        tokenizer,
+        optim,
+        train_dataloader,
+        eval_dataloader,
+        scheduler,
+        max_norm=0.5,
+        beta=1.0,
+        gamma=0.0,
+        max_epochs: int = 2,
+        save_hf_ckpt: bool = False,
+        disable_ds_ckpt: bool = False,
+    ) -> None:
+        # DPOTrainer.__init__ builds a DPOLoss from these two DPO-only flags, which train_sepo does not have;
+        # neutral values let it do so, and the DPOLoss is replaced right below.
+        model_args = strategy.args.model
+        for name, neutral in (("label_smoothing", 0.0), ("ipo_enable", False)):
+            if not hasattr(model_args, name):
+                setattr(model_args, name, neutral)
+        super().__init__(
+            model, NoReferenceModel(), strategy, tokenizer, optim, train_dataloader, eval_dataloader, scheduler,
+            max_norm=max_norm, beta=beta, max_epochs=max_epochs, save_hf_ckpt=save_hf_ckpt,
+            disable_ds_ckpt=disable_ds_ckpt,
+        )
+        self.gamma = gamma
+        self.sepo_loss = SePOLoss(beta, gamma)
+        self.loss_fn = self._loss
+        self._step_logs = {}
+
+    def _loss(self, chosen_logps, rejected_logps, chosen_mask, rejected_mask):
+        """``SePOLoss``, recording the batch's selected-token mean log-probs for the logs."""
+        loss, chosen_reward, rejected_reward = self.sepo_loss(chosen_logps, rejected_logps, chosen_mask, rejected_mask)
+        chosen_u, rejected_u = chosen_reward / self.beta, rejected_reward / self.beta
+        self._step_logs.update(
+            chosen_logps=chosen_u.mean().item(),
+            rejected_logps=rejected_u.mean().item(),
+            margin=(chosen_u - rejected_u).mean().item(),
+        )
+        return loss, chosen_reward, rejected_reward
+
+    def concatenated_forward(self, model, chosen_ids, c_mask, reject_ids, r_mask, key_tokens):
+        """Policy: OpenRLHF's forward -> (chosen [B, T-1], rejected [B, T-1] per-token log-probs, aux, nll).
+        Reference slot: (chosen selection mask, rejected selection mask, None, None), padded to T-1; no forward."""
+        if model is not self.ref_model:
+            return super().concatenated_forward(model, chosen_ids, c_mask, reject_ids, r_mask, key_tokens.prompt_id_lens)
+        width = max(chosen_ids.shape[1], reject_ids.shape[1]) - 1
+        chosen_sel = F.pad(key_tokens.chosen_mask, (0, width - key_tokens.chosen_mask.shape[1])).to(chosen_ids.device)
+        rejected_sel = F.pad(key_tokens.rejected_mask, (0, width - key_tokens.rejected_mask.shape[1])).to(chosen_ids.device)
+        response_tokens = c_mask.sum() + r_mask.sum() - 2 * sum(key_tokens.prompt_id_lens)
+        self._step_logs["selected_frac"] = ((chosen_sel.sum() + rejected_sel.sum()) / response_tokens).item()
+        return chosen_sel, rejected_sel, None, None
+
+    def _get_batch_logps(self, per_token_logps, attention_mask, prompt_id_lens):
+        """(per-token log-probs [B, T-1], mean over response tokens [B]): the per-token tensor in the sum's place,
+        so OpenRLHF's ``concatenated_forward`` returns it; the mean still feeds ``--model.nll_loss_coef``."""
+        _, means = super()._get_batch_logps(per_token_logps, attention_mask, prompt_id_lens)
+        return per_token_logps, means
+
+    def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
+        """OpenRLHF's, with the last micro-batch's SePO metrics (mean over ranks) added to its logs."""
+        logs_dict = {**(logs_dict or {}), **self.strategy.all_reduce(dict(self._step_logs))}
+        step_bar.set_postfix(logs_dict)
+        super().save_logs_and_checkpoints(args, global_step, step_bar, logs_dict, client_states)
