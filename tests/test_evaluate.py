@@ -1,0 +1,296 @@
+"""Evaluation: pairwise accuracy against a hand computation, generations scored by the ground truth and by a
+real OpenRLHF reward model, win-rate arithmetic, the CLI directly and through the CPU runtime, bad input.
+
+Models whose behaviour is known by construction ("residual-only" Llamas): every layer writes zeros to the
+residual stream, so the last hidden state is the one-hot embedding of the current token and the logits are
+one column of a hand-written lm_head. That makes greedy and sampled outputs, and preferences, exact.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from openrlhf_sepo import tiny
+from openrlhf_sepo.cli import evaluate as ev
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _residual_only_llama(path, tokenizer_dir, lm_head_fn):
+    """A real LlamaForCausalLM whose logits for current token i are lm_head[:, i] * sqrt(hidden)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab = len(tokenizer)
+    hidden = (vocab + 7) // 8 * 8  # >= vocab for one-hot embeddings; head_dim must be even for RoPE
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab, hidden))
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        head = torch.zeros(vocab, hidden)
+        head[:, :vocab] = lm_head_fn(tokenizer, vocab)
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _chain_model(path, tokenizer_dir, text):
+    """Always answers ``text`` then EOS: every token outside the chain points to its first token."""
+
+    def head(tokenizer, vocab):
+        chain = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        assert len(set(chain)) == len(chain), f"chain tokens must be distinct: {chain}"
+        w = torch.zeros(vocab, vocab)  # w[next, current]
+        w[chain[0], :] = 1.0
+        for cur, nxt in zip(chain, chain[1:]):
+            w[:, cur] = 0.0
+            w[nxt, cur] = 1.0
+        return w
+
+    return _residual_only_llama(path, tokenizer_dir, head)
+
+
+def _favouring_model(path, tokenizer_dir, words):
+    """In every context, the tokens of ``words`` get logit sqrt(hidden) (~18) and all others 0."""
+
+    def head(tokenizer, vocab):
+        w = torch.zeros(vocab, vocab)
+        for word in words:
+            for t in tokenizer.encode(" " + word, add_special_tokens=False):
+                w[t, :] = 1.0
+        return w
+
+    return _residual_only_llama(path, tokenizer_dir, head)
+
+
+@pytest.fixture(scope="module")
+def chain_models(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("chains")
+    tok = os.path.join(tiny_dir, "tokenizer")
+    return {
+        "bad": _chain_model(out / "bad", tok, "vague careless sloppy"),  # ground truth -1
+        "good": _chain_model(out / "good", tok, "accurate helpful clear"),  # +1
+        "mixed": _chain_model(out / "mixed", tok, "accurate wrong honest"),  # +1/3
+        "bad2": _chain_model(out / "bad2", tok, "rude lazy harmful"),  # -1: ties with "bad"
+    }
+
+
+def _rows(tiny_dir, name="pairs.jsonl", n=None):
+    with open(os.path.join(tiny_dir, name)) as f:
+        rows = [json.loads(line) for line in f]
+    return rows[:n] if n else rows
+
+
+CHAT = ev.DataFlags(apply_chat_template=True, max_len=128)
+
+
+def _hand_mean_logp(model, tokenizer, prompt_text, full_text):
+    """Mean log p of the tokens after the prompt, on one unpadded sequence (no OpenRLHF code)."""
+    n_prompt = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor([tokenizer(full_text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    token_logp = logp.gather(-1, ids[0, 1:, None])[:, 0]
+    return token_logp[n_prompt - 1 :].mean().item()
+
+
+def test_pairwise_accuracy_matches_hand_computation(tiny_dir):
+    model, tokenizer = ev.load_policy(os.path.join(tiny_dir, "base"))
+    rows = _rows(tiny_dir, n=7)
+    # batch_size 3 -> ragged batches with right padding and a final batch of 1.
+    got = ev.pairwise_accuracy(model, tokenizer, rows, CHAT, batch_size=3)
+
+    margins = []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row["chosen"][:-1], tokenize=False, add_generation_prompt=True)
+        # The template closes each turn with "</s>\n": the trailing newline is dropped, EOS kept.
+        chosen = tokenizer.apply_chat_template(row["chosen"], tokenize=False).rstrip("\n")
+        rejected = tokenizer.apply_chat_template(row["rejected"], tokenize=False).rstrip("\n")
+        assert chosen.endswith(tokenizer.eos_token)
+        margins.append(
+            _hand_mean_logp(model, tokenizer, prompt, chosen) - _hand_mean_logp(model, tokenizer, prompt, rejected)
+        )
+    assert got["n_pairs"] == 7
+    assert got["margins"] == pytest.approx(margins, abs=1e-5)
+    assert got["pairwise_accuracy"] == sum(m > 0 for m in margins) / 7
+    assert got["mean_margin"] == pytest.approx(sum(margins) / 7, abs=1e-5)
+
+
+def test_pairwise_accuracy_follows_the_preferred_words(tiny_dir, tmp_path):
+    tok = os.path.join(tiny_dir, "tokenizer")
+    good = _favouring_model(tmp_path / "good", tok, tiny.GOOD_WORDS)
+    bad = _favouring_model(tmp_path / "bad", tok, tiny.BAD_WORDS)
+    rows = _rows(tiny_dir, "pairs_plain.jsonl", n=12)
+    plain = ev.DataFlags(prompt_key="prompt", max_len=128)
+    for path, expected in ((good, 1.0), (bad, 0.0)):
+        model, tokenizer = ev.load_policy(path)
+        got = ev.pairwise_accuracy(model, tokenizer, rows, plain, batch_size=5)
+        assert got["pairwise_accuracy"] == expected
+        assert (got["mean_margin"] > 1.0) == (expected == 1.0)
+
+
+def test_generations_ground_truth_rewards_and_win_rates(tiny_dir, chain_models):
+    gen = ev.GenFlags(n_prompts=5, max_new_tokens=12, greedy=True, n_samples=5)
+    report = ev.evaluate_models(
+        chain_models, baseline="bad", data=ev.DataFlags(dataset=os.path.join(tiny_dir, "pairs.jsonl"),
+                                                        apply_chat_template=True, max_len=128),
+        gen=gen, reward="ground_truth", batch_size=2,
+    )
+    models = report["models"]
+    assert report["n_prompts"] == 5 and report["n_pairs"] == 48 and report["reward_source"] == "ground_truth"
+    expected_reward = {"bad": -1.0, "good": 1.0, "mixed": 1 / 3, "bad2": -1.0}
+    expected_win = {"bad": 0.5, "good": 1.0, "mixed": 1.0, "bad2": 0.5}
+    for name, m in models.items():
+        assert [s["response"].split() for s in m["samples"]] == [m["samples"][0]["response"].split()] * 5
+        assert m["reward_mean"] == pytest.approx(expected_reward[name])
+        assert m["win_rate_vs_bad"] == expected_win[name]
+        assert set(m) >= {"pairwise_accuracy", "mean_margin", "n_pairs", "n_prompts", "reward_source"}
+    assert models["good"]["samples"][0]["response"].split() == ["accurate", "helpful", "clear"]
+    # Win-rate arithmetic on rewards that are not all equal or all ordered.
+    assert ev.win_rate([1.0, 0.0, -1.0, 0.5], [0.0, 0.0, 0.0, 1.0]) == (1 + 0.5 + 0 + 0) / 4
+
+
+def test_sampled_generation_from_a_prompt_file(tiny_dir, chain_models, tmp_path):
+    prompts = tmp_path / "held_out.jsonl"
+    held_out = [r["prompt"] for r in tiny.make_pairs(4, seed=999)]
+    prompts.write_text("".join(json.dumps({"question": p}) + "\n" for p in held_out))
+    model, tokenizer = ev.load_policy(chain_models["mixed"])
+    gen = ev.GenFlags(prompts=str(prompts), prompt_key="question", temperature=0.7, max_new_tokens=8)
+    # Sampling still follows the chain: its next token has ~18 logits more than any other.
+    assert [r.split() for r in ev.generate(model, tokenizer, held_out, CHAT, gen, batch_size=3)] == [
+        ["accurate", "wrong", "honest"]
+    ] * 4
+    report = ev.evaluate_models({"mixed": chain_models["mixed"]}, data=CHAT, gen=gen, reward="ground_truth")
+    assert report["n_prompts"] == 4 and report["n_pairs"] == 0
+    assert report["models"]["mixed"]["samples"][0]["prompt"] == held_out[0]
+    assert "pairwise_accuracy" not in report["models"]["mixed"]
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_dir, run, tmp_path_factory):
+    """A tiny OpenRLHF reward model trained for 6 steps by openrlhf.cli.train_rm through the CPU runtime."""
+    out = str(tmp_path_factory.mktemp("rm"))
+    pairs = os.path.join(tiny_dir, "pairs.jsonl")
+    run("openrlhf.cli.train_rm", [
+        "--model.model_name_or_path", os.path.join(tiny_dir, "base"),
+        "--data.dataset", pairs, "--eval.dataset", pairs,  # the default eval split (1% of 48 rows) is empty
+        "--data.apply_chat_template", "--data.max_len", "128", "--data.dataloader_num_workers", "0",
+        "--train.micro_batch_size", "4", "--train.batch_size", "8", "--train.max_epochs", "1",
+        "--adam.lr", "1e-3", "--ds.zero_stage", "0", "--ds.attn_implementation", "sdpa",
+        "--ckpt.output_dir", out, "--ckpt.path", os.path.join(out, "ckpt"),
+    ])
+    return out
+
+
+def test_reward_model_scores_through_the_cpu_runtime(tiny_dir, chain_models, reward_model, run, tmp_path):
+    output = tmp_path / "report.json"
+    proc = run("openrlhf_sepo.cli.evaluate", [
+        "--models", f"bad={chain_models['bad']},good={chain_models['good']}",
+        "--data.dataset", os.path.join(tiny_dir, "pairs.jsonl"), "--data.apply_chat_template",
+        "--data.max_len", "128", "--data.max_samples", "16",
+        "--gen.n_prompts", "3", "--gen.max_new_tokens", "8", "--gen.greedy", "--gen.n_samples", "3",
+        "--reward.model_name_or_path", reward_model, "--batch_size", "2", "--output", str(output),
+    ])
+    assert "win_rate_vs_bad" in proc.stdout  # the printed table
+    report = json.loads(output.read_text())
+    assert report["reward_source"] == f"reward_model:{reward_model}" and report["n_pairs"] == 16
+
+    # Independent check of every sample: the RM at fp32, one unpadded conversation at a time.
+    rm, rm_tokenizer = ev.load_reward_model(reward_model)
+    assert next(rm.parameters()).dtype == torch.float32
+    for name, m in report["models"].items():
+        assert math.isfinite(m["reward_mean"]) and m["win_rate_vs_bad"] in (0.0, 1 / 3, 0.5, 2 / 3, 1.0)
+        for s in m["samples"]:
+            text = rm_tokenizer.apply_chat_template(
+                s["prompt"] + [{"role": "assistant", "content": s["response"]}], tokenize=False
+            ).rstrip("\n")
+            ids = torch.tensor([rm_tokenizer(text, add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                expected = rm(ids, attention_mask=torch.ones_like(ids)).item()
+            assert s["reward"] == pytest.approx(expected, abs=1e-5)
+    good_r = [s["reward"] for s in report["models"]["good"]["samples"]]
+    bad_r = [s["reward"] for s in report["models"]["bad"]["samples"]]
+    wins = sum(1.0 if g > b else 0.5 if g == b else 0.0 for g, b in zip(good_r, bad_r)) / 3
+    assert report["models"]["good"]["win_rate_vs_bad"] == pytest.approx(wins)
+
+
+def test_cli_runs_directly_with_plain_data(tiny_dir, chain_models, tmp_path):
+    output = tmp_path / "out" / "report.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "openrlhf_sepo.cli.evaluate", "--models", f"good={chain_models['good']}",
+         "--data.dataset", os.path.join(tiny_dir, "pairs_plain.jsonl"), "--data.prompt_key", "prompt",
+         "--data.input_template", "User: {}\nAssistant: ", "--data.max_len", "128",
+         "--gen.n_prompts", "2", "--gen.max_new_tokens", "6", "--reward", "ground_truth",
+         "--local_rank", "-1", "--output", str(output)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    m = json.loads(output.read_text())["models"]["good"]
+    assert m["reward_mean"] == 1.0 and m["win_rate_vs_good"] == 0.5 and m["n_pairs"] == 48
+    assert m["samples"][0]["prompt"].startswith("Write a short note")
+
+
+def _no_template_model(tiny_dir, path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "tokenizer"))
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(path)
+    AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "base")).save_pretrained(path)
+    return str(path)
+
+
+def test_bad_input_is_reported_before_any_model_is_loaded(tiny_dir, tmp_path, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(ev, "load_policy", must_not_load)
+    monkeypatch.setattr(ev, "load_reward_model", must_not_load)
+    base = os.path.join(tiny_dir, "base")
+    pairs = os.path.join(tiny_dir, "pairs.jsonl")
+    data = ev.DataFlags(dataset=pairs, apply_chat_template=True, max_len=128)
+    no_gen = ev.GenFlags(n_prompts=0)
+    cases = [
+        (dict(models={"sft": base, "x": str(tmp_path / "missing")}, data=data, gen=no_gen), "--models x"),
+        (dict(models={"sft": base}, data=data), "--reward ground_truth or --reward.model_name_or_path"),
+        (dict(models={"sft": base}, data=data, reward_model_path=str(tmp_path / "nope")),
+         "--reward.model_name_or_path"),
+        (dict(models={"sft": base}, data=data, reward="ground_truth", reward_model_path=base), "not both"),
+        (dict(models={"sft": _no_template_model(tiny_dir, tmp_path / "plain")}, data=data, gen=no_gen),
+         "--data.apply_chat_template"),
+        (dict(models={"sft": base}, baseline="dpo", data=data, gen=no_gen), "--baseline 'dpo'"),
+        (dict(models={"sft": base}, data=ev.DataFlags(dataset=pairs, chosen_key="better"), gen=no_gen),
+         "--data.chosen_key 'better'"),
+        (dict(models={"sft": base}, data=ev.DataFlags(dataset=str(tmp_path / "none.jsonl")), gen=no_gen),
+         "--data.dataset"),
+        (dict(models={"sft": base}, data=ev.DataFlags(dataset=os.path.join(tiny_dir, "pairs_plain.jsonl")),
+              reward="ground_truth"), "--data.prompt_key"),
+        (dict(models={"sft": base}, data=ev.DataFlags(), reward="ground_truth"), "nothing to evaluate"),
+        (dict(models={"sft": base}, data=data, reward="ground_truth", gen=ev.GenFlags(temperature=0.0)),
+         "--gen.temperature"),
+    ]
+    for kwargs, flag in cases:
+        with pytest.raises(ev.EvaluationInputError, match=None) as err:
+            ev.evaluate_models(**kwargs)
+        assert flag in str(err.value), (flag, str(err.value))
+
+    with pytest.raises(ev.EvaluationInputError, match="--models: 'sft' is not NAME=PATH|given twice"):
+        ev.parse_models("sft=a,sft=b")
+    assert ev.parse_models("sft=/a/b, /c/dpo/") == {"sft": "/a/b", "dpo": "/c/dpo/"}
+    # The CLI turns these into one line on stderr and exit status 2, naming the flag.
+    assert ev.main(["--models", f"sft={base}", "--data.dataset", pairs, "--gen.n_prompts", "0",
+                    "--ds.param_dtype", "fp32", "--baseline", "nope"]) == 2
