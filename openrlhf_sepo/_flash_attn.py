@@ -4,7 +4,9 @@ OpenRLHF imports ``flash_attn.bert_padding`` at import time (``openrlhf/models/r
 and ``flash_attn/__init__`` imports the CUDA extension ``flash_attn_2_cuda``. Without CUDA only the
 pure-Python layer of flash-attn installs, so importing OpenRLHF would fail on the kernel module even
 though no kernel is ever needed with sdpa or eager attention. We register a stand-in module that lets
-the import succeed and raises a clear error the moment any kernel is actually called.
+the import succeed and raises a clear error the moment any kernel is actually called: flash-attn's
+torch custom ops are registered for CUDA only, so a call with CPU tensors would otherwise stop in the
+dispatcher with a list of backends; we give those ops a CPU kernel that raises the same clear error.
 """
 
 import importlib.util
@@ -12,6 +14,7 @@ import sys
 import types
 
 KERNEL_MODULE = "flash_attn_2_cuda"
+CUSTOM_OPS = ("_flash_attn_forward", "_flash_attn_varlen_forward", "_flash_attn_backward", "_flash_attn_varlen_backward")
 
 HOW_TO_FIX = (
     "flash-attn's CUDA kernels are not available on this machine (no GPU or no compiled flash_attn_2_cuda), "
@@ -41,4 +44,17 @@ def install_placeholder() -> bool:
     if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec(KERNEL_MODULE) is not None:
         return False
     sys.modules[KERNEL_MODULE] = _KernelPlaceholder(KERNEL_MODULE)
+    _register_cpu_kernels()
     return True
+
+
+def _register_cpu_kernels():
+    import flash_attn.flash_attn_interface  # noqa: F401  defines the flash_attn:: custom ops
+    import torch
+
+    for op in CUSTOM_OPS:
+        def refuse(*args, _op=op, **kwargs):
+            raise FlashAttnUnavailableError(HOW_TO_FIX.format(name=f"flash_attn::{_op}"))
+
+        if hasattr(torch.ops.flash_attn, op):
+            torch.library.register_kernel(f"flash_attn::{op}", "cpu", refuse)

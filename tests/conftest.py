@@ -62,3 +62,9 @@ def _free_port():
 @pytest.fixture(scope="session")
 def run():
     return run_module
+
+
+@pytest.fixture(scope="session")
+def tiny_flags():
+    """Small, fast OpenRLHF flags for tiny CPU runs: sdpa, max_len 128, micro batch 4, global batch 8."""
+    return list(TINY_TRAIN_FLAGS)

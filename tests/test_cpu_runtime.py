@@ -1,0 +1,103 @@
+"""The CPU runtime's pieces: rendezvous defaults, the scoped CUDA->CPU redirection, the no-GPU-change
+guarantee, the flash-attn kernel placeholder, and the command line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from openrlhf_sepo import cpu
+from openrlhf_sepo._flash_attn import FlashAttnUnavailableError, install_placeholder
+
+
+def test_single_process_rendezvous_sets_variables(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert cpu.set_single_process_rendezvous() is True
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and int(os.environ["MASTER_PORT"]) > 0
+
+
+def test_launcher_variables_are_left_alone(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "12345")
+    assert cpu.set_single_process_rendezvous() is False
+    assert os.environ["RANK"] == "1" and os.environ["MASTER_PORT"] == "12345"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only redirection")
+def test_cuda_calls_are_redirected_only_inside_the_block():
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.cuda.current_device()
+    with cpu._cuda_calls_on_cpu():
+        assert torch.cuda.current_device() == "cpu"
+        torch.cuda.set_device(0)
+        torch.cuda.synchronize()
+        assert torch.ones(1).to(torch.cuda.current_device()).device.type == "cpu"
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.cuda.current_device()
+
+
+def _run_python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_patch_wraps_exactly_the_cuda_spots_and_is_idempotent():
+    code = (
+        "import openrlhf_sepo.cpu as c\n"
+        "from openrlhf.utils.deepspeed import deepspeed as m\n"
+        "before = {n: getattr(m.DeepspeedStrategy, n) for n in vars(m.DeepspeedStrategy)}\n"
+        "assert c.patch_openrlhf_for_cpu() and c.patch_openrlhf_for_cpu()\n"
+        "changed = sorted(n for n in before if not n.startswith('__') and getattr(m.DeepspeedStrategy, n) is not before[n])\n"
+        "print(changed, m.init_device_mesh.__wrapped__.__module__)\n"
+    )
+    proc = _run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == (
+        "['all_gather', 'all_reduce', 'save_ckpt', 'save_model', 'setup_distributed'] "
+        "torch.distributed.device_mesh"
+    )
+
+
+def test_patch_changes_nothing_when_cuda_is_present():
+    code = (
+        "import torch; torch.cuda.is_available = lambda: True\n"
+        "import openrlhf_sepo.cpu as c\n"
+        "from openrlhf.utils.deepspeed import deepspeed as m\n"
+        "before = dict(vars(m.DeepspeedStrategy)); mesh = m.init_device_mesh\n"
+        "assert c.patch_openrlhf_for_cpu() is False\n"
+        "assert dict(vars(m.DeepspeedStrategy)) == before and m.init_device_mesh is mesh\n"
+        "print('untouched')\n"
+    )
+    proc = _run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "untouched"
+
+
+def test_flash_attn_placeholder_lets_openrlhf_import_and_names_the_fix():
+    assert install_placeholder() is True  # flash-attn's Python layer is installed, its kernels are not
+    import openrlhf.models  # noqa: F401  imports flash_attn.bert_padding at import time
+    from flash_attn import flash_attn_func
+
+    q = torch.zeros(1, 4, 2, 8)
+    with pytest.raises(FlashAttnUnavailableError) as err:
+        flash_attn_func(q, q, q)
+    message = str(err.value)
+    assert "--ds.attn_implementation sdpa" in message and "--ds.packing_samples" in message
+    assert "flash_attn::_flash_attn_forward" in message
+    import flash_attn_2_cuda  # the stand-in itself: any kernel attribute raises the same error
+
+    with pytest.raises(FlashAttnUnavailableError, match="--ds.attn_implementation sdpa"):
+        flash_attn_2_cuda.varlen_fwd
+
+
+def test_cli_usage_errors():
+    proc = subprocess.run([sys.executable, "-m", "openrlhf_sepo.cpu"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage: python -m openrlhf_sepo.cpu MODULE" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "openrlhf_sepo.cpu", "no_such_module_xyz"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "No module named no_such_module_xyz" in proc.stderr

@@ -1,0 +1,74 @@
+"""examples/scripts launchers: the GPU command they would run, slurm preparation, and real CPU runs
+(SEPO_DEVICE=cpu, 2 gloo ranks) of the SFT and DPO stages with tiny-model overrides."""
+
+import glob
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(p for p in glob.glob(os.path.join(REPO, "examples", "scripts", "*_llama.sh")))
+
+
+def bash(script, args, **env):
+    full_env = {**os.environ, "PYTHON": sys.executable, **env}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(var, None)
+    return subprocess.run(["bash", script, *args], env=full_env, cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_gpu_command_is_deepspeed_with_user_arguments_last(script):
+    proc = bash(script, ["--data.max_len", "77"], SEPO_DRY_RUN="1")
+    assert proc.returncode == 0, proc.stdout
+    cmd = shlex.split(proc.stdout.strip().splitlines()[-1])
+    assert cmd[:2] == ["deepspeed", "--module"] and cmd[-2:] == ["--data.max_len", "77"]
+    assert "flash_attention_2" in cmd and "bf16" in cmd  # the published GPU defaults
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_cpu_command_uses_runtime_and_sdpa(script):
+    proc = bash(script, ["--ds.attn_implementation", "eager"], SEPO_DRY_RUN="1", SEPO_DEVICE="cpu", SEPO_NPROC="3")
+    assert proc.returncode == 0, proc.stdout
+    cmd = shlex.split(proc.stdout.strip().splitlines()[-1])
+    assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3"]
+    assert cmd[cmd.index("-m", 2) + 1] == "openrlhf_sepo.cpu"
+    impls = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--ds.attn_implementation"]
+    assert impls[-2:] == ["sdpa", "eager"]  # sdpa replaces flash_attention_2; the user's choice still wins
+
+
+def test_slurm_mode_only_prepares_the_command():
+    script = os.path.join(REPO, "examples", "scripts", "train_sft_llama.sh")
+    proc = subprocess.run(["bash", "-c", f'source {shlex.quote(script)} slurm --adam.lr 3e-6; echo "${{SEPO_CMD[@]}}"'],
+                          text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    cmd = proc.stdout.split()
+    assert cmd[0] == "openrlhf.cli.train_sft" and cmd[-2:] == ["--adam.lr", "3e-6"]
+
+
+@pytest.mark.slow
+def test_cpu_sft_then_dpo_launchers_run_end_to_end(tiny_dir, tmp_path):
+    data = ["--data.max_len", "128", "--data.max_samples", "32", "--train.batch_size", "8",
+            "--train.micro_batch_size", "2", "--adam.lr", "1e-3"]
+    sft = str(tmp_path / "sft")
+    proc = bash(os.path.join(REPO, "examples", "scripts", "train_sft_llama.sh"), [
+        "--model.model_name_or_path", os.path.join(tiny_dir, "base"),
+        "--data.dataset", os.path.join(tiny_dir, "sft.jsonl"), "--data.dataset_split", "train", *data,
+        "--ckpt.output_dir", sft, "--ckpt.path", str(tmp_path / "ckpt_sft"),
+    ], SEPO_DEVICE="cpu")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert os.path.exists(os.path.join(sft, "model.safetensors"))
+
+    oracle = str(tmp_path / "oracle")
+    proc = bash(os.path.join(REPO, "examples", "scripts", "train_dpo_llama.sh"), [
+        "--model.model_name_or_path", sft, "--ref.model_name_or_path", sft,
+        "--data.dataset", os.path.join(tiny_dir, "pairs.jsonl"), "--data.dataset_split", "train", *data,
+        "--ckpt.output_dir", oracle, "--ckpt.path", str(tmp_path / "ckpt_dpo"),
+    ], SEPO_DEVICE="cpu")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert os.path.exists(os.path.join(oracle, "model.safetensors"))
+    assert "openrlhf_sepo.cpu openrlhf.cli.train_dpo" in proc.stdout  # the launch line bash echoed (set -x)
