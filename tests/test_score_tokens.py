@@ -250,3 +250,24 @@ def test_launcher_script_on_cpu(setup, tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:]
     m = manifest(out)
     assert m["complete"] is True and m["score"]["attn_implementation"] == "sdpa" and m["counts"]["pairs_kept"] == N_GOOD
+
+
+def test_report_html_and_histograms(setup, reference_run, tmp_path):
+    from openrlhf_sepo.cli import score_report
+
+    out, _ = reference_run
+    path = score_report.main([str(out), "--out", str(tmp_path / "report"), "--k", "0.3", "--num_pairs", "5"])
+    page = open(path, encoding="utf-8").read()
+    assert page.count('class="pair"') == 5 and 'src="scores.png"' in page
+    rows = load_scores(out)
+    shown = [r for r in rows if f"pair {r['index']} <small>" in page]
+    assert len(shown) == 5
+    # Every response token of a shown pair is a shaded span; the selected ones at k = 0.3 are marked.
+    n_tokens = sum(len(r["chosen_scores"]) + len(r["rejected_scores"]) for r in shown)
+    assert page.count('<span class="tok') == n_tokens + 2  # + the two legend samples
+    n_marked = sum(max(1, int(0.3 * len(r[f"{s}_scores"]) + 1e-9)) for r in shown for s in ("chosen", "rejected"))
+    assert page.count('class="tok sel-') == n_marked + 2
+    png = tmp_path / "report" / "scores.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="not a score_tokens output dir"):
+        score_report.main([str(tmp_path)])
