@@ -1,0 +1,188 @@
+"""train_sepo end to end on CPU: the launcher with 2 gloo ranks (OpenRLHF's DeepSpeed, ZeRO-3) raises the
+selected-token margin, its HF checkpoint loads with transformers, an OpenRLHF checkpoint resumes at the right
+step, and bad input stops before any model is loaded."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from openrlhf_sepo.loss import SePOLoss
+from openrlhf_sepo.scoring import tokenizer_fingerprint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(REPO, "examples", "scripts", "train_selective_llama.sh")
+TINY = ["--data.max_len", "128", "--train.batch_size", "8", "--train.micro_batch_size", "4", "--adam.lr", "1e-3"]
+
+
+def write_score_dir(tiny_dir, out, fingerprint=None):
+    """A scores dir in the score_tokens format from the tiny pairs, ids made by OpenRLHF's RewardDataset(is_dpo=True)
+    (its strategy is a stand-in: it reads only args). Scores: +1 on the key-word tokens of the chosen response,
+    -1 on those of the rejected one, small position-dependent values elsewhere."""
+    import datasets
+    from openrlhf.datasets import RewardDataset
+    from openrlhf.utils import get_tokenizer
+
+    from openrlhf_sepo.tiny import is_key_word
+
+    tokenizer = get_tokenizer(os.path.join(tiny_dir, "tokenizer"), None, "right", None)
+    data_args = SimpleNamespace(prompt_key=None, chosen_key="chosen", rejected_key="rejected",
+                                apply_chat_template=True, tokenizer_chat_template=None)
+    rows = datasets.load_dataset("json", data_files=os.path.join(tiny_dir, "pairs.jsonl"), split="train")
+    pairs = RewardDataset(rows, tokenizer, 128, SimpleNamespace(args=SimpleNamespace(data=data_args)),
+                          is_dpo=True, num_processors=1)
+
+    def scores(ids, prompt_len, sign):
+        pieces = tokenizer.convert_ids_to_tokens(ids[prompt_len:])
+        return [sign * 1.0 if is_key_word(p) else 0.01 * ((j * 7) % 5) for j, p in enumerate(pieces)]
+
+    records = []
+    for i in range(len(pairs)):
+        chosen, _, rejected, _, prompt_len = pairs[i]
+        chosen, rejected = chosen[0].tolist(), rejected[0].tolist()
+        records.append({"index": i, "prompt_len": prompt_len, "chosen_input_ids": chosen,
+                        "rejected_input_ids": rejected, "chosen_scores": scores(chosen, prompt_len, 1),
+                        "rejected_scores": scores(rejected, prompt_len, -1)})
+    os.makedirs(os.path.join(out, "data"))
+    pq.write_table(pa.Table.from_pylist(records), os.path.join(out, "data", "shard-00000.parquet"))
+    manifest = {"tokenizer": {"name_or_path": tokenizer.name_or_path,
+                              "fingerprint": fingerprint or tokenizer_fingerprint(tokenizer)},
+                "data": {"max_len": 128}, "complete": True}
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return out
+
+
+def scalars(tensorboard_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = glob.glob(os.path.join(tensorboard_dir, "*", "events.out.tfevents.*"))
+    acc = EventAccumulator(events)
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def selected_margin(model_dir, dataset):
+    """Mean over the data set of u_w - u_l (selected-token mean log-probs), with a plain transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    c_ids, c_att, r_ids, r_att, key_tokens = dataset.collate_fn([dataset[i] for i in range(len(dataset))])
+    u = []
+    with torch.no_grad():
+        for ids, att, mask in ((c_ids, c_att, key_tokens.chosen_mask), (r_ids, r_att, key_tokens.rejected_mask)):
+            logps = model(ids, attention_mask=att).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+            u.append(SePOLoss.selected_mean(logps, mask))
+    return (u[0] - u[1]).mean().item()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    """SEPO_DEVICE=cpu train_selective_llama.sh (its ZeRO-3, bf16, gradient checkpointing defaults) on 2 ranks:
+    48 pairs, batch 8 -> 6 steps, an OpenRLHF checkpoint every 2 steps."""
+    work = tmp_path_factory.mktemp("sepo_train")
+    scores = write_score_dir(tiny_dir, str(work / "scores"))
+    paths = SimpleNamespace(scores=scores, out=str(work / "out"), ckpt=str(work / "ckpt"), tb=str(work / "tb"))
+    env = {**os.environ, "SEPO_DEVICE": "cpu", "SEPO_NPROC": "2", "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = ["bash", LAUNCHER, "--model.model_name_or_path", os.path.join(tiny_dir, "base"), "--data.dataset", scores,
+           *TINY, "--ckpt.output_dir", paths.out, "--ckpt.path", paths.ckpt, "--ckpt.save_steps", "2",
+           "--logger.tensorboard_dir", paths.tb]
+    proc = subprocess.run(cmd, cwd=str(work), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    paths.log = proc.stdout
+    return paths
+
+
+@pytest.mark.slow
+def test_two_rank_launcher_run_raises_selected_margin(tiny_dir, trained):
+    from openrlhf.utils import get_tokenizer
+
+    from openrlhf_sepo.datasets import TokenScoreDataset
+
+    assert "--ds.zero_stage 3" in trained.log and "--nproc_per_node 2" in trained.log
+    tokenizer = get_tokenizer(os.path.join(tiny_dir, "tokenizer"), None, "right", None)
+    dataset = TokenScoreDataset(trained.scores, tokenizer, 128)
+    before = selected_margin(os.path.join(tiny_dir, "base"), dataset)
+    after = selected_margin(trained.out, dataset)  # the HF checkpoint, loaded by transformers
+    assert after > before + 0.2, (before, after)
+
+    logs = scalars(trained.tb)
+    for metric in ("loss", "acc", "chosen_reward", "reject_reward", "chosen_logps", "rejected_logps", "margin",
+                   "selected_frac", "lr", "grad_norm", "loss_mean", "acc_mean"):
+        values = logs[f"train/{metric}"]
+        assert [step for step, _ in values] == [1, 2, 3, 4, 5, 6], metric
+        assert all(torch.isfinite(torch.tensor(v)) for _, v in values), metric
+    margin = [v for _, v in logs["train/margin"]]
+    assert margin[-1] > margin[0] + 0.2
+    for (_, c), (_, r), (_, m) in zip(logs["train/chosen_logps"], logs["train/rejected_logps"], logs["train/margin"]):
+        assert m == pytest.approx(c - r, abs=1e-4)
+    assert all(0.2 < v < 0.35 for _, v in logs["train/selected_frac"])  # k = 0.3 per response, floor'd
+
+
+@pytest.mark.slow
+def test_resume_continues_at_the_right_step(tiny_dir, trained, run, tmp_path):
+    # Make the step-4 checkpoint the latest, as if the run had stopped there (mid-epoch: 32 of 48 samples).
+    assert os.path.isdir(os.path.join(trained.ckpt, "global_step4"))
+    with open(os.path.join(trained.ckpt, "latest"), "w") as f:
+        f.write("global_step4")
+    tb = str(tmp_path / "tb")
+    proc = run("openrlhf_sepo.cli.train_sepo", [
+        "--model.model_name_or_path", os.path.join(tiny_dir, "base"), "--data.dataset", trained.scores, *TINY,
+        "--ds.attn_implementation", "sdpa", "--ds.zero_stage", "3", "--model.gradient_checkpointing_enable",
+        "--ckpt.path", trained.ckpt, "--ckpt.load_enable", "--ckpt.output_dir", str(tmp_path / "out"),
+        "--logger.tensorboard_dir", tb,
+    ], nproc=2)
+    assert "consumed_samples: 32" in proc.stdout
+    assert [step for step, _ in scalars(tb)["train/loss"]] == [5, 6]
+
+
+def test_tokenizer_mismatch_stops_before_the_model_loads(tiny_dir, run, tmp_path):
+    scores = write_score_dir(tiny_dir, str(tmp_path / "scores"), fingerprint="0123456789abcdef")
+    proc = run("openrlhf_sepo.cli.train_sepo", ["--model.model_name_or_path", os.path.join(tiny_dir, "base"),
+                                                 "--data.dataset", scores, *TINY], check=False)
+    assert proc.returncode != 0
+    assert "train_sepo: error:" in proc.stdout and "fingerprint 0123456789abcdef" in proc.stdout
+    assert "Re-score with the policy's tokenizer" in proc.stdout
+    assert "LlamaForCausalLM" not in proc.stdout and "Traceback" not in proc.stdout
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--data.dataset", "/nonexistent/scores"], "--data.dataset: scores dir '/nonexistent/scores' does not exist"),
+    (["--sepo.k_chosen", "0"], "argument --sepo.k_chosen: 0.0 is outside (0, 1]"),
+    (["--sepo.k_rejected", "1.5"], "argument --sepo.k_rejected: 1.5 is outside (0, 1]"),
+    (["--sepo.selection", "topk"], "argument --sepo.selection: invalid choice: 'topk'"),
+    (["--sepo.beta", "0"], "--sepo.beta must be > 0"),
+])
+def test_bad_flags_are_refused_before_training(tiny_dir, tmp_path, capsys, flags, message):
+    from openrlhf_sepo.cli import train_sepo
+
+    scores = write_score_dir(tiny_dir, str(tmp_path / "scores"))
+    argv = ["--model.model_name_or_path", os.path.join(tiny_dir, "base"), "--data.dataset", scores, *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        train_sepo.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parser_keeps_train_dpo_names_and_defaults():
+    """Shared flags have train_dpo's names and defaults; no --ref.* and no DPO-only loss flags."""
+    from openrlhf_sepo.cli import train_sepo
+
+    parser = train_sepo.build_parser()
+    defaults = {a.dest: a.default for a in parser._actions}
+    assert not [d for d in defaults if d.startswith("ref.") or d in ("model.beta", "model.ipo_enable")]
+    for dest, value in {"train.micro_batch_size": 8, "train.batch_size": 128, "adam.lr": 1e-5, "ds.zero_stage": 2,
+                        "data.max_len": 512, "train.max_epochs": 1, "model.nll_loss_coef": 0, "local_rank": -1,
+                        "sepo.k_chosen": 0.3, "sepo.k_rejected": 0.3, "sepo.selection": "per_response",
+                        "sepo.beta": 1.0, "sepo.gamma": 0.0}.items():
+        assert defaults[dest] == value, dest
