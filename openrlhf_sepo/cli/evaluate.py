@@ -295,15 +295,21 @@ def preference_prompts(rows, data: DataFlags) -> list:
     return prompts
 
 
-def _check_tokenizer(path: str, flag: str, data: DataFlags):
-    """Fail before any compute when a checkpoint cannot be read or lacks a chat template it needs."""
+def _check_checkpoint(path: str, flag: str, data: DataFlags, policy: bool):
+    """Fail before any compute when a checkpoint cannot be read, is a reward model where a policy is needed
+    (transformers would silently give it a random LM head), or lacks a chat template it needs."""
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        AutoConfig.from_pretrained(path, trust_remote_code=True)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     except Exception as e:  # OSError for a missing path, ValueError for a broken config, ...
         raise EvaluationInputError(f"{flag}: cannot load a model and tokenizer from {path!r}: {e}") from e
+    if policy and set(getattr(config, "architectures", None) or []) & {"RewardModel", "CriticModel"}:
+        raise EvaluationInputError(
+            f"{flag}: {path!r} is an OpenRLHF reward/critic model, not a causal LM; "
+            "pass it as --reward.model_name_or_path"
+        )
     if data.apply_chat_template and not data.tokenizer_chat_template and not tokenizer.chat_template:
         raise EvaluationInputError(
             f"{flag}: the tokenizer at {path!r} has no chat template, but --data.apply_chat_template is set; "
@@ -364,9 +370,9 @@ def evaluate_models(
     if generating and not gen.greedy and not gen.temperature > 0:
         raise EvaluationInputError(f"--gen.temperature must be > 0 for sampling (or use --gen.greedy), got {gen.temperature}")
     for name, path in models.items():
-        _check_tokenizer(path, f"--models {name}", data)
+        _check_checkpoint(path, f"--models {name}", data, policy=True)
     if generating and reward_model_path:
-        _check_tokenizer(reward_model_path, "--reward.model_name_or_path", data)
+        _check_checkpoint(reward_model_path, "--reward.model_name_or_path", data, policy=False)
 
     pairs = prompts = None
     if data.dataset:
