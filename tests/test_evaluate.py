@@ -264,6 +264,8 @@ def test_bad_input_is_reported_before_any_model_is_loaded(tiny_dir, reward_model
     pairs = os.path.join(tiny_dir, "pairs.jsonl")
     data = ev.DataFlags(dataset=pairs, apply_chat_template=True, max_len=128)
     no_gen = ev.GenFlags(n_prompts=0)
+    messages = tmp_path / "messages.jsonl"
+    messages.write_text(json.dumps({"prompt": [{"role": "user", "content": "Write."}]}) + "\n")
     cases = [
         (dict(models={"sft": base, "x": str(tmp_path / "missing")}, data=data, gen=no_gen), "--models x"),
         (dict(models={"sft": base}, data=data), "--reward ground_truth or --reward.model_name_or_path"),
@@ -281,6 +283,8 @@ def test_bad_input_is_reported_before_any_model_is_loaded(tiny_dir, reward_model
         (dict(models={"sft": base}, data=ev.DataFlags(dataset=os.path.join(tiny_dir, "pairs_plain.jsonl")),
               reward="ground_truth"), "--data.prompt_key"),
         (dict(models={"sft": base}, data=ev.DataFlags(), reward="ground_truth"), "nothing to evaluate"),
+        (dict(models={"sft": base}, gen=ev.GenFlags(prompts=str(messages)), reward="ground_truth"),
+         "prompt 0 is a message list: it needs --data.apply_chat_template"),
         (dict(models={"sft": base}, data=data, reward="ground_truth", gen=ev.GenFlags(temperature=0.0)),
          "--gen.temperature"),
     ]

@@ -19,10 +19,8 @@ Metrics per model (docs/evaluation.md lists every flag and output key):
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
 
@@ -36,7 +34,7 @@ class EvaluationInputError(ValueError):
     """A bad flag or input row, found before any compute; the message names the flag or the row."""
 
 
-@dataclass
+@dataclasses.dataclass
 class DataFlags:
     """The ``--data.*`` flags of ``openrlhf.cli.train_dpo`` that decide which pairs are read and how they are
     tokenized; defaults are OpenRLHF's. The field names are what ``RewardDataset`` reads from ``args.data``."""
@@ -53,7 +51,7 @@ class DataFlags:
     max_len: int = 512
 
 
-@dataclass
+@dataclasses.dataclass
 class GenFlags:
     """The ``--gen.*`` flags: which prompts are answered and how."""
 
@@ -268,7 +266,7 @@ def reward_model_rewards(reward_model, tokenizer, prompts, responses, data: Data
 def win_rate(rewards, baseline_rewards) -> float:
     """mean_i 1[r_i > b_i] + 0.5 * 1[r_i == b_i]: prompts paired by position."""
     if len(rewards) != len(baseline_rewards):
-        raise ValueError(f"win rate needs one reward per prompt for both: {len(rewards)} != {len(baseline_rewards)}")
+        raise ValueError(f"win rate needs one reward per prompt for both: {len(rewards)} vs {len(baseline_rewards)}")
     if not rewards:
         return float("nan")
     return sum(1.0 if r > b else 0.5 if r == b else 0.0 for r, b in zip(rewards, baseline_rewards)) / len(rewards)
@@ -342,7 +340,8 @@ def evaluate_models(
     Pairwise metrics run when ``data.dataset`` is set; generation runs when ``gen.n_prompts > 0`` on
     ``gen.prompts`` (else the preference data's prompts) and needs ``reward="ground_truth"`` or
     ``reward_model_path``. ``baseline`` (default: the first model) is the reference of the win rates.
-    All inputs are checked before any model is loaded; a bad one raises EvaluationInputError (a ValueError) naming its flag.
+    All inputs are checked before any model is loaded; a bad one raises ``EvaluationInputError`` (a
+    ``ValueError``) naming its flag or row.
     Returns ``{"baseline", "reward_source", "n_pairs", "n_prompts", "models": {name: metrics}}``.
     """
     data, gen = data or DataFlags(), gen or GenFlags()
@@ -354,10 +353,14 @@ def evaluate_models(
     if param_dtype not in DTYPES:
         raise EvaluationInputError(f"--ds.param_dtype must be one of {sorted(DTYPES)}, got {param_dtype!r}")
     if data.input_template and "{}" not in data.input_template:
-        raise EvaluationInputError(f"--data.input_template must contain '{{}}' for the prompt, got {data.input_template!r}")
+        raise EvaluationInputError(
+            f"--data.input_template must contain '{{}}' for the prompt, got {data.input_template!r}"
+        )
     generating = gen.n_prompts > 0
     if not data.dataset and not (generating and gen.prompts):
-        raise EvaluationInputError("nothing to evaluate: give --data.dataset (pairs) and/or --gen.prompts (generation)")
+        raise EvaluationInputError(
+            "nothing to evaluate: give --data.dataset (pairs) and/or --gen.prompts (generation)"
+        )
     if generating and reward is None and reward_model_path is None:
         raise EvaluationInputError(
             "generations need a reward source: --reward ground_truth or --reward.model_name_or_path PATH "
@@ -366,9 +369,13 @@ def evaluate_models(
     if reward is not None and reward_model_path is not None:
         raise EvaluationInputError("give either --reward ground_truth or --reward.model_name_or_path, not both")
     if reward is not None and reward != GROUND_TRUTH:
-        raise EvaluationInputError(f"--reward must be {GROUND_TRUTH!r} (or use --reward.model_name_or_path), got {reward!r}")
+        raise EvaluationInputError(
+            f"--reward must be {GROUND_TRUTH!r} (or use --reward.model_name_or_path), got {reward!r}"
+        )
     if generating and not gen.greedy and not gen.temperature > 0:
-        raise EvaluationInputError(f"--gen.temperature must be > 0 for sampling (or use --gen.greedy), got {gen.temperature}")
+        raise EvaluationInputError(
+            f"--gen.temperature must be > 0 for sampling (or use --gen.greedy), got {gen.temperature}"
+        )
     for name, path in models.items():
         _check_checkpoint(path, f"--models {name}", data, policy=True)
     if generating and reward_model_path:
@@ -391,6 +398,10 @@ def evaluate_models(
         prompts = list(prompt_rows[gen.prompt_key])[: gen.n_prompts]
     elif generating:
         prompts = preference_prompts(pairs, data)[: gen.n_prompts]
+    if prompts is not None and not data.apply_chat_template:
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise EvaluationInputError(f"prompt {i} is a message list: it needs --data.apply_chat_template")
 
     results, responses = {}, {}
     for name, path in models.items():
