@@ -204,6 +204,7 @@ def generate(model, tokenizer, prompts, data: DataFlags = None, gen: GenFlags = 
 
     Greedy with ``gen.greedy``, else sampling at ``gen.temperature`` / ``gen.top_p`` from seed ``gen.seed``
     (the same seed for every model). Stops at the tokenizer's EOS or after ``gen.max_new_tokens``.
+    Sets ``tokenizer.padding_side = "left"``: a decoder-only model continues the last real token.
     """
     import torch
 
