@@ -89,8 +89,11 @@ class TokenScoreDataset(Dataset):
             keeps its single most extreme token, so no selection is empty).
         max_samples: at most this many rows per scores dir and in total (as OpenRLHF's ``--data.max_samples``).
 
-    Item / batch: OpenRLHF's DPO 5-tuple ``(chosen_ids, chosen_attention, rejected_ids, rejected_attention,
-    extra)`` where ``extra`` is a ``KeyTokens`` (prompt lengths + the two selection masks in log-prob layout).
+    Item: ``(chosen_ids [1, Lc], chosen_attention, rejected_ids [1, Lr], rejected_attention, prompt_len,
+    chosen_mask [1, Lc-1], rejected_mask [1, Lr-1])``: RewardDataset's DPO item plus the two selection masks in
+    log-prob layout. Batch (``collate_fn``): OpenRLHF's DPO 5-tuple ``(chosen_ids, chosen_attention, rejected_ids,
+    rejected_attention, extra)`` whose ``extra`` is a ``KeyTokens`` (the prompt lengths plus the two padded masks),
+    so that OpenRLHF's ``DPOTrainer`` loops unpack it unchanged (see ``trainer.py``).
     """
 
     def __init__(
