@@ -30,7 +30,7 @@ def write_score_dir(tiny_dir, out, fingerprint=None):
     from openrlhf.datasets import RewardDataset
     from openrlhf.utils import get_tokenizer
 
-    from openrlhf_sepo.tiny import is_key_word
+    from openrlhf_sepo.tiny import key_token_mask
 
     tokenizer = get_tokenizer(os.path.join(tiny_dir, "tokenizer"), None, "right", None)
     data_args = SimpleNamespace(prompt_key=None, chosen_key="chosen", rejected_key="rejected",
@@ -41,7 +41,7 @@ def write_score_dir(tiny_dir, out, fingerprint=None):
 
     def scores(ids, prompt_len, sign):
         pieces = tokenizer.convert_ids_to_tokens(ids[prompt_len:])
-        return [sign * 1.0 if is_key_word(p) else 0.01 * ((j * 7) % 5) for j, p in enumerate(pieces)]
+        return [sign * 1.0 if key else 0.01 * ((j * 7) % 5) for j, key in enumerate(key_token_mask(pieces))]
 
     records = []
     for i in range(len(pairs)):
@@ -130,7 +130,7 @@ def test_two_rank_launcher_run_raises_selected_margin(tiny_dir, trained):
 
 
 @pytest.mark.slow
-def test_resume_continues_at_the_right_step(tiny_dir, trained, run, tmp_path):
+def test_resume_continues_at_the_right_step_with_eval_and_nll(tiny_dir, trained, run, tmp_path):
     # Make the step-4 checkpoint the latest, as if the run had stopped there (mid-epoch: 32 of 48 samples).
     assert os.path.isdir(os.path.join(trained.ckpt, "global_step4"))
     with open(os.path.join(trained.ckpt, "latest"), "w") as f:
@@ -140,10 +140,15 @@ def test_resume_continues_at_the_right_step(tiny_dir, trained, run, tmp_path):
         "--model.model_name_or_path", os.path.join(tiny_dir, "base"), "--data.dataset", trained.scores, *TINY,
         "--ds.attn_implementation", "sdpa", "--ds.zero_stage", "3", "--model.gradient_checkpointing_enable",
         "--ckpt.path", trained.ckpt, "--ckpt.load_enable", "--ckpt.output_dir", str(tmp_path / "out"),
-        "--logger.tensorboard_dir", tb,
+        "--logger.tensorboard_dir", tb, "--eval.dataset", trained.scores, "--eval.steps", "1",
+        "--model.nll_loss_coef", "0.1",
     ], nproc=2)
     assert "consumed_samples: 32" in proc.stdout
-    assert [step for step, _ in scalars(tb)["train/loss"]] == [5, 6]
+    logs = scalars(tb)
+    assert [step for step, _ in logs["train/loss"]] == [5, 6]
+    # OpenRLHF's evaluate() and NLL term run unchanged on SePO batches
+    assert [step for step, _ in logs["eval/eval_loss"]] == [5, 6] and [s for s, _ in logs["eval/acc_mean"]] == [5, 6]
+    assert all(0 < v < 10 for _, v in logs["train/nll_loss"] + logs["eval/eval_loss"])
 
 
 def test_tokenizer_mismatch_stops_before_the_model_loads(tiny_dir, run, tmp_path):
