@@ -6,7 +6,7 @@
   saved as an HF checkpoint next to its tokenizer, loadable by OpenRLHF's ``Actor``.
 - The *key-word task*: prompts ask for a short note on a topic; every response is shared filler plus a
   few slots filled with *good* or *bad* key words. A preference pair differs only in those slots, so
-  the tokens that decide the preference are known exactly (``key_word_mask``), and
+  the tokens that decide the preference are known exactly (``key_token_mask``), and
   ``ground_truth_reward(text)`` scores any generated response.
 - ``write_sft_data`` (UltraChat-style message lists), ``write_preference_data`` (UltraFeedback-binarized
   shape or plain strings), as JSONL that OpenRLHF's ``--data.dataset`` reads.
@@ -15,6 +15,7 @@
 import json
 import os
 import random
+import re
 
 GOOD_WORDS = ["accurate", "helpful", "clear", "honest", "careful", "precise", "kind", "thorough"]
 BAD_WORDS = ["wrong", "rude", "vague", "careless", "sloppy", "harmful", "lazy", "misleading"]
@@ -22,6 +23,8 @@ TOPICS = [
     "river", "garden", "library", "mountain", "harbor", "market", "forest", "castle",
     "bridge", "village", "desert", "island", "station", "museum", "orchard", "valley",
 ]
+# Prompts of these topics never appear in training data: the demo's held-out evaluation prompts.
+HELD_OUT_TOPICS = ["lake", "tower", "farm", "canyon", "palace", "meadow"]
 FILLER = [
     "the", "a", "morning", "light", "was", "soft", "and", "people", "walked", "slowly", "near", "old",
     "stone", "walls", "while", "birds", "sang", "over", "quiet", "streets", "in", "of", "it", "is",
@@ -33,7 +36,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-N_SLOTS = 3
+N_SLOTS = 4  # with 3-5 filler words, key tokens are about 30% of a response: SePO's default k
 
 
 def _prompt(topic: str) -> str:
@@ -41,12 +44,13 @@ def _prompt(topic: str) -> str:
 
 
 def _response(rng: random.Random, topic: str, slot_words: list) -> str:
-    """Filler sentence with the slot words placed at fixed positions; same rng state -> same filler."""
-    parts = [f"The {topic} is"]
-    for word in slot_words:
-        parts.append(word)
-        parts.append(" ".join(rng.choice(FILLER) for _ in range(rng.randint(3, 6))))
-    return " ".join(parts) + "."
+    """Filler, then the key span: "The {topic} is <filler>. My note is <w1> <w2> <w3> <w4>."
+
+    Same rng state -> same filler. The key span closes the response so that a chosen and a rejected answer
+    share every token before it: the tokens that decide the preference are exactly the slot words.
+    """
+    filler = " ".join(rng.choice(FILLER) for _ in range(rng.randint(3, 5)))
+    return f"The {topic} is {filler}. My note is " + " ".join(slot_words) + "."
 
 
 def ground_truth_reward(text: str) -> float:
@@ -57,10 +61,27 @@ def ground_truth_reward(text: str) -> float:
     return max(-1.0, min(1.0, (good - bad) / N_SLOTS))
 
 
-def is_key_word(piece: str) -> bool:
-    """True for a token piece that belongs to a good or bad key word (pieces are Metaspace BPE pieces)."""
-    piece = piece.replace("\u2581", "").strip(".,!?").lower()
-    return len(piece) >= 2 and any(piece in w for w in GOOD_WORDS + BAD_WORDS)
+_KEY_WORD = re.compile(r"\b(" + "|".join(GOOD_WORDS + BAD_WORDS) + r")\b")
+
+
+def key_token_mask(pieces) -> list:
+    """Which tokens of a response carry a planted key word, from its token pieces (``convert_ids_to_tokens``).
+
+    The pieces are joined back into text (Metaspace "\u2581" -> space), every key word is found on word
+    boundaries (filler never contains one, so each occurrence is a planted slot word), and a token is key when its
+    characters, its leading space aside, overlap a key word. Exact even when BPE splits a key word.
+    """
+    starts, text = [], ""
+    for piece in pieces:
+        starts.append(len(text))
+        text += piece.replace("\u2581", " ")
+    spans = [m.span() for m in _KEY_WORD.finditer(text)]
+    mask = []
+    for start, piece in zip(starts, pieces):
+        lo = start + (1 if piece.startswith("\u2581") else 0)
+        hi = start + len(piece)
+        mask.append(any(lo < b and a < hi for a, b in spans))
+    return mask
 
 
 def make_pairs(n: int, seed: int = 0):
@@ -76,6 +97,12 @@ def make_pairs(n: int, seed: int = 0):
         rejected = _response(random.Random(filler_seed), topic, bad)
         rows.append({"prompt": _prompt(topic), "chosen": chosen, "rejected": rejected})
     return rows
+
+
+def make_prompts(n: int, seed: int = 0, held_out: bool = True):
+    """n prompts ``{"prompt": ...}``, by default on HELD_OUT_TOPICS, which no training row uses."""
+    rng = random.Random(seed)
+    return [{"prompt": _prompt(rng.choice(HELD_OUT_TOPICS if held_out else TOPICS))} for _ in range(n)]
 
 
 def make_sft_rows(n: int, seed: int = 0):
@@ -132,7 +159,7 @@ def write_preference_data(path: str, n: int = 64, seed: int = 0, shape: str = "u
 
 
 def _corpus():
-    text = [_prompt(t) for t in TOPICS]
+    text = [_prompt(t) for t in TOPICS + HELD_OUT_TOPICS]
     text += [" ".join(GOOD_WORDS), " ".join(BAD_WORDS), " ".join(FILLER), "The . , ! ?"]
     text += [r["response"] for r in make_sft_rows(200, seed=12345)]
     return text
