@@ -1,9 +1,13 @@
-"""Shared fixtures: tiny models and data built locally (nothing downloaded), and a launcher for
-OpenRLHF-style entrypoints through the CPU runtime with 1 or N gloo ranks."""
+"""Shared fixtures: tiny models and data built locally (nothing downloaded), a launcher for OpenRLHF-style
+entrypoints through the CPU runtime with 1 or N gloo ranks, score dirs in the score_tokens format, and a
+TensorBoard scalar reader. (Tests run with --import-mode=importlib: share helpers through fixtures, not imports.)"""
 
+import glob
+import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -68,3 +72,82 @@ def run():
 def tiny_flags():
     """Small, fast OpenRLHF flags for tiny CPU runs: sdpa, max_len 128, micro batch 4, global batch 8."""
     return list(TINY_TRAIN_FLAGS)
+
+
+def tokenize_pairs(tiny_dir, max_len=128):
+    """(tokenizer, [(prompt_len, chosen_ids, rejected_ids)]) exactly as OpenRLHF's RewardDataset(is_dpo=True) makes
+    them from the tiny UltraFeedback-shaped pairs. The strategy is a stand-in: RewardDataset reads only its args."""
+    import datasets
+    from openrlhf.datasets import RewardDataset
+    from openrlhf.utils import get_tokenizer
+
+    tokenizer = get_tokenizer(os.path.join(tiny_dir, "tokenizer"), None, "right", None)
+    data_args = SimpleNamespace(prompt_key=None, chosen_key="chosen", rejected_key="rejected",
+                                apply_chat_template=True, tokenizer_chat_template=None)
+    rows = datasets.load_dataset("json", data_files=os.path.join(tiny_dir, "pairs.jsonl"), split="train")
+    reward = RewardDataset(rows, tokenizer, max_len, SimpleNamespace(args=SimpleNamespace(data=data_args)),
+                           is_dpo=True, num_processors=1)
+    pairs = []
+    for i in range(len(reward)):
+        chosen_ids, _, rejected_ids, _, prompt_len = reward[i]
+        pairs.append((prompt_len, chosen_ids[0].tolist(), rejected_ids[0].tolist()))
+    return tokenizer, pairs
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tiny_dir):
+    """(tokenizer, [(prompt_len, chosen_ids, rejected_ids)]) of tiny_dir's pairs.jsonl at max_len 128, as OpenRLHF's
+    RewardDataset(is_dpo=True) tokenizes them. Shared by the session: do not mutate."""
+    return tokenize_pairs(tiny_dir)
+
+
+def _write_score_dir(out, tokenizer, pairs, score_fn, max_len=128, fingerprint=None):
+    """A scores dir in the score_tokens format; score_fn(ids, prompt_len, side) -> one score per response token,
+    side being "chosen" or "rejected". fingerprint overrides the tokenizer's in the manifest. Returns out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from openrlhf_sepo.scoring import tokenizer_fingerprint
+
+    os.makedirs(os.path.join(out, "data"), exist_ok=True)
+    records = [
+        {"index": i, "prompt_len": p, "chosen_input_ids": c, "rejected_input_ids": r,
+         "chosen_scores": score_fn(c, p, "chosen"), "rejected_scores": score_fn(r, p, "rejected")}
+        for i, (p, c, r) in enumerate(pairs)
+    ]
+    pq.write_table(pa.Table.from_pylist(records), os.path.join(out, "data", "shard-00000.parquet"))
+    manifest = {"tokenizer": {"name_or_path": tokenizer.name_or_path,
+                              "fingerprint": fingerprint or tokenizer_fingerprint(tokenizer)},
+                "data": {"max_len": max_len}, "complete": True}
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def write_score_dir():
+    """write_score_dir(out, tokenizer, pairs, score_fn, max_len=128, fingerprint=None) -> out: a scores dir in the
+    score_tokens format (one parquet shard + a complete manifest); score_fn(ids, prompt_len, side) gives one score
+    per response token."""
+    return _write_score_dir
+
+
+def _tb_scalars(tb_dir):
+    """{tag: [(step, value), ...]} from every TensorBoard events file under tb_dir (recursively): files in sorted
+    path order, each file's events in the order written (so a single run's steps come in order; nothing is re-sorted,
+    so repeated or out-of-order steps stay visible)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = {}
+    for path in sorted(glob.glob(os.path.join(tb_dir, "**", "events.out.tfevents.*"), recursive=True)):
+        acc = EventAccumulator(path)
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            logs.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return logs
+
+
+@pytest.fixture(scope="session")
+def tb_scalars():
+    """tb_scalars(tb_dir) -> {tag: [(step, value), ...]} over every events file under tb_dir."""
+    return _tb_scalars

@@ -1,26 +1,12 @@
 """OpenRLHF's own SFT and DPO entrypoints, unchanged, through the CPU runtime: 2 gloo ranks, ZeRO-2,
 bf16 (SePO steps 1 and 2: the reference and the oracle), and one process without a launcher."""
 
-import glob
 import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-
-
-def scalars(tb_dir, tag):
-    """Values of one scalar tag, in step order, from the TensorBoard event files OpenRLHF wrote."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = []
-    for path in sorted(glob.glob(os.path.join(tb_dir, "**", "events.out.tfevents.*"), recursive=True)):
-        acc = EventAccumulator(path)
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values += [e.value for e in acc.Scalars(tag)]
-    return values
 
 
 def max_weight_change(path_a, path_b):
@@ -52,7 +38,7 @@ def sft_model(tiny_dir, run, tiny_flags, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sft_then_dpo_two_ranks_zero2(tiny_dir, sft_model, run, tiny_flags, tmp_path):
+def test_sft_then_dpo_two_ranks_zero2(tiny_dir, sft_model, run, tiny_flags, tb_scalars, tmp_path):
     assert_loads_with_transformers(sft_model, tiny_dir)
     assert max_weight_change(os.path.join(tiny_dir, "base"), sft_model) > 1e-3
 
@@ -68,7 +54,7 @@ def test_sft_then_dpo_two_ranks_zero2(tiny_dir, sft_model, run, tiny_flags, tmp_
         "--ckpt.output_dir", oracle, "--ckpt.path", str(tmp_path / "ckpt"),
     ], nproc=2)
 
-    losses = scalars(tb, "train/loss")
+    losses = [v for _, v in tb_scalars(tb)["train/loss"]]
     assert len(losses) == 2 * 48 // 8  # 2 epochs of 48 pairs, global batch 8
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.05, losses
     assert_loads_with_transformers(oracle, tiny_dir)
@@ -76,7 +62,7 @@ def test_sft_then_dpo_two_ranks_zero2(tiny_dir, sft_model, run, tiny_flags, tmp_
 
 
 @pytest.mark.slow
-def test_dpo_single_process_without_launcher(tiny_dir, run, tiny_flags, tmp_path):
+def test_dpo_single_process_without_launcher(tiny_dir, run, tiny_flags, tb_scalars, tmp_path):
     base = os.path.join(tiny_dir, "base")
     tb = str(tmp_path / "tb")
     run("openrlhf.cli.train_dpo", [
@@ -88,7 +74,7 @@ def test_dpo_single_process_without_launcher(tiny_dir, run, tiny_flags, tmp_path
         "--logger.tensorboard_dir", tb,
         "--ckpt.output_dir", str(tmp_path / "dpo"), "--ckpt.path", str(tmp_path / "ckpt"),
     ], nproc=1)
-    losses = scalars(tb, "train/loss")
+    losses = [v for _, v in tb_scalars(tb)["train/loss"]]
     assert len(losses) == 12 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.05, losses
     assert_loads_with_transformers(str(tmp_path / "dpo"), tiny_dir)
     assert max_weight_change(base, str(tmp_path / "dpo")) > 1e-3

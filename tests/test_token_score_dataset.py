@@ -4,52 +4,11 @@ like OpenRLHF's, and bad score dirs are refused with a message naming the dir, t
 import json
 import math
 import os
-from types import SimpleNamespace
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from openrlhf_sepo.datasets import KeyTokens, ScoreDataError, TokenScoreDataset
-from openrlhf_sepo.scoring import tokenizer_fingerprint
-
-
-def tokenize_pairs(tiny_dir, max_len=128):
-    """(tokenizer, [(prompt_len, chosen_ids, rejected_ids)]) exactly as OpenRLHF's RewardDataset(is_dpo=True) makes
-    them from the tiny UltraFeedback-shaped pairs. The strategy is a stand-in: RewardDataset reads only its args."""
-    import datasets
-    from openrlhf.datasets import RewardDataset
-    from openrlhf.utils import get_tokenizer
-
-    tokenizer = get_tokenizer(os.path.join(tiny_dir, "tokenizer"), None, "right", None)
-    data_args = SimpleNamespace(prompt_key=None, chosen_key="chosen", rejected_key="rejected",
-                                apply_chat_template=True, tokenizer_chat_template=None)
-    rows = datasets.load_dataset("json", data_files=os.path.join(tiny_dir, "pairs.jsonl"), split="train")
-    reward = RewardDataset(rows, tokenizer, max_len, SimpleNamespace(args=SimpleNamespace(data=data_args)),
-                           is_dpo=True, num_processors=1)
-    pairs = []
-    for i in range(len(reward)):
-        chosen_ids, _, rejected_ids, _, prompt_len = reward[i]
-        pairs.append((prompt_len, chosen_ids[0].tolist(), rejected_ids[0].tolist()))
-    return tokenizer, pairs
-
-
-def write_score_dir(out, tokenizer, pairs, score_fn, max_len=128, fingerprint=None):
-    """A scores dir in the score_tokens format; score_fn(ids, prompt_len, side) -> one score per response token."""
-    os.makedirs(os.path.join(out, "data"), exist_ok=True)
-    records = [
-        {"index": i, "prompt_len": p, "chosen_input_ids": c, "rejected_input_ids": r,
-         "chosen_scores": score_fn(c, p, "chosen"), "rejected_scores": score_fn(r, p, "rejected")}
-        for i, (p, c, r) in enumerate(pairs)
-    ]
-    pq.write_table(pa.Table.from_pylist(records), os.path.join(out, "data", "shard-00000.parquet"))
-    manifest = {"tokenizer": {"name_or_path": tokenizer.name_or_path,
-                              "fingerprint": fingerprint or tokenizer_fingerprint(tokenizer)},
-                "data": {"max_len": max_len}, "complete": True}
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
-    return out
 
 
 def id_score(ids, prompt_len, side):
@@ -58,13 +17,8 @@ def id_score(ids, prompt_len, side):
 
 
 @pytest.fixture(scope="module")
-def pairs(tiny_dir):
-    return tokenize_pairs(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def score_dir(pairs, tmp_path_factory):
-    tokenizer, rows = pairs
+def score_dir(tiny_pairs, write_score_dir, tmp_path_factory):
+    tokenizer, rows = tiny_pairs
     return write_score_dir(str(tmp_path_factory.mktemp("scores")), tokenizer, rows, id_score)
 
 
@@ -77,8 +31,8 @@ def expected_per_response(ids, prompt_len, k, largest):
 
 
 @pytest.mark.parametrize("k_chosen,k_rejected", [(0.3, 0.3), (0.5, 0.1), (1.0, 1.0)])
-def test_per_response_masks_land_on_selected_tokens(pairs, score_dir, k_chosen, k_rejected):
-    tokenizer, rows = pairs
+def test_per_response_masks_land_on_selected_tokens(tiny_pairs, score_dir, k_chosen, k_rejected):
+    tokenizer, rows = tiny_pairs
     ds = TokenScoreDataset(score_dir, tokenizer, 128, k_chosen=k_chosen, k_rejected=k_rejected)
     assert len(ds) == len(rows)
     for idx in range(len(rows)):
@@ -96,11 +50,11 @@ def test_per_response_masks_land_on_selected_tokens(pairs, score_dir, k_chosen, 
         assert from_ids == sorted(id_score(chosen, p, None))[-len(selected):]
 
 
-def test_all_tokens_mask_is_openrlhf_response_mask(pairs, score_dir):
+def test_all_tokens_mask_is_openrlhf_response_mask(tiny_pairs, score_dir):
     """k = 1: the selection is exactly the response mask OpenRLHF's DPOTrainer._get_batch_logps builds."""
     from openrlhf.trainer.dpo_trainer import DPOTrainer
 
-    tokenizer, rows = pairs
+    tokenizer, rows = tiny_pairs
     ds = TokenScoreDataset(score_dir, tokenizer, 128, k_chosen=1.0, k_rejected=1.0)
     c_ids, c_att, r_ids, r_att, key_tokens = ds.collate_fn([ds[i] for i in range(4)])
     logps = torch.randn(c_ids.shape[0], c_ids.shape[1] - 1)
@@ -108,8 +62,8 @@ def test_all_tokens_mask_is_openrlhf_response_mask(pairs, score_dir):
     torch.testing.assert_close((logps * key_tokens.chosen_mask).sum(-1), sums)
 
 
-def test_collate_pads_like_openrlhf(pairs, score_dir):
-    tokenizer, rows = pairs
+def test_collate_pads_like_openrlhf(tiny_pairs, score_dir):
+    tokenizer, rows = tiny_pairs
     ds = TokenScoreDataset(score_dir, tokenizer, 128)
     items = [ds[i] for i in range(5)]
     c_ids, c_att, r_ids, r_att, key_tokens = ds.collate_fn(items)
@@ -124,8 +78,8 @@ def test_collate_pads_like_openrlhf(pairs, score_dir):
         assert torch.equal(key_tokens.chosen_mask[i, : n - 1], it[5][0]) and not key_tokens.chosen_mask[i, n - 1 :].any()
 
 
-def test_global_selection_thresholds_the_whole_data_set(pairs, tmp_path):
-    tokenizer, rows = pairs
+def test_global_selection_thresholds_the_whole_data_set(tiny_pairs, tmp_path, write_score_dir):
+    tokenizer, rows = tiny_pairs
     rows = rows[:6]
 
     # chosen row 0 is strong (all high scores), row 1 weak (all far below everyone): global gives 0 a larger
@@ -162,8 +116,8 @@ def test_global_selection_thresholds_the_whole_data_set(pairs, tmp_path):
     assert all(int(ds[row][6].sum()) >= 1 for row in range(len(rows)))
 
 
-def test_several_dirs_concatenate(pairs, score_dir, tmp_path):
-    tokenizer, rows = pairs
+def test_several_dirs_concatenate(tiny_pairs, score_dir, tmp_path, write_score_dir):
+    tokenizer, rows = tiny_pairs
     second = write_score_dir(str(tmp_path), tokenizer, rows[:5], id_score)
     ds = TokenScoreDataset(f"{score_dir}, {second}", tokenizer, 128)
     assert len(ds) == len(rows) + 5
@@ -172,26 +126,26 @@ def test_several_dirs_concatenate(pairs, score_dir, tmp_path):
     assert len(TokenScoreDataset(f"{score_dir},{second}", tokenizer, 128, max_samples=7)) == 7
 
 
-def test_missing_dir_is_refused(pairs, tmp_path):
+def test_missing_dir_is_refused(tiny_pairs, tmp_path):
     with pytest.raises(ScoreDataError, match="does not exist"):
-        TokenScoreDataset(str(tmp_path / "nope"), pairs[0], 128)
+        TokenScoreDataset(str(tmp_path / "nope"), tiny_pairs[0], 128)
 
 
-def test_tokenizer_mismatch_is_refused(pairs, tmp_path):
-    tokenizer, rows = pairs
+def test_tokenizer_mismatch_is_refused(tiny_pairs, tmp_path, write_score_dir):
+    tokenizer, rows = tiny_pairs
     bad = write_score_dir(str(tmp_path), tokenizer, rows[:3], id_score, fingerprint="0123456789abcdef")
     with pytest.raises(ScoreDataError, match="fingerprint 0123456789abcdef.*Re-score"):
         TokenScoreDataset(bad, tokenizer, 128)
 
 
 @pytest.mark.parametrize("k", [0.0, -0.1, 1.5])
-def test_k_outside_unit_interval_is_refused(pairs, score_dir, k):
+def test_k_outside_unit_interval_is_refused(tiny_pairs, score_dir, k):
     with pytest.raises(ScoreDataError, match=r"k_rejected must be in \(0, 1\]"):
-        TokenScoreDataset(score_dir, pairs[0], 128, k_rejected=k)
+        TokenScoreDataset(score_dir, tiny_pairs[0], 128, k_rejected=k)
 
 
-def test_bad_rows_are_named(pairs, tmp_path):
-    tokenizer, rows = pairs
+def test_bad_rows_are_named(tiny_pairs, tmp_path, write_score_dir):
+    tokenizer, rows = tiny_pairs
 
     def short_scores(ids, prompt_len, side):
         s = id_score(ids, prompt_len, side)
@@ -215,8 +169,8 @@ def test_bad_rows_are_named(pairs, tmp_path):
         TokenScoreDataset(ok, tokenizer, longest - 1)
 
 
-def test_incomplete_scoring_is_refused(pairs, score_dir, tmp_path):
-    tokenizer, rows = pairs
+def test_incomplete_scoring_is_refused(tiny_pairs, score_dir, tmp_path, write_score_dir):
+    tokenizer, rows = tiny_pairs
     out = write_score_dir(str(tmp_path), tokenizer, rows[:2], id_score)
     with open(os.path.join(out, "manifest.json")) as f:
         manifest = json.load(f)

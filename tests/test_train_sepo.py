@@ -2,71 +2,44 @@
 selected-token margin, its HF checkpoint loads with transformers, an OpenRLHF checkpoint resumes at the right
 step, and bad input stops before any model is loaded."""
 
-import glob
-import json
 import os
 import subprocess
 import sys
 from types import SimpleNamespace
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from openrlhf_sepo.loss import SePOLoss
-from openrlhf_sepo.scoring import tokenizer_fingerprint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "examples", "scripts", "train_selective_llama.sh")
 TINY = ["--data.max_len", "128", "--train.batch_size", "8", "--train.micro_batch_size", "4", "--adam.lr", "1e-3"]
 
 
-def write_score_dir(tiny_dir, out, fingerprint=None):
-    """A scores dir in the score_tokens format from the tiny pairs, ids made by OpenRLHF's RewardDataset(is_dpo=True)
-    (its strategy is a stand-in: it reads only args). Scores: +1 on the key-word tokens of the chosen response,
-    -1 on those of the rejected one, small position-dependent values elsewhere."""
-    import datasets
-    from openrlhf.datasets import RewardDataset
-    from openrlhf.utils import get_tokenizer
-
+def key_word_scores(tokenizer):
+    """score_fn for write_score_dir: +1 on the key-word tokens of the chosen response, -1 on those of the rejected
+    one, small position-dependent values elsewhere."""
     from openrlhf_sepo.tiny import key_token_mask
 
-    tokenizer = get_tokenizer(os.path.join(tiny_dir, "tokenizer"), None, "right", None)
-    data_args = SimpleNamespace(prompt_key=None, chosen_key="chosen", rejected_key="rejected",
-                                apply_chat_template=True, tokenizer_chat_template=None)
-    rows = datasets.load_dataset("json", data_files=os.path.join(tiny_dir, "pairs.jsonl"), split="train")
-    pairs = RewardDataset(rows, tokenizer, 128, SimpleNamespace(args=SimpleNamespace(data=data_args)),
-                          is_dpo=True, num_processors=1)
-
-    def scores(ids, prompt_len, sign):
+    def scores(ids, prompt_len, side):
+        sign = 1 if side == "chosen" else -1
         pieces = tokenizer.convert_ids_to_tokens(ids[prompt_len:])
         return [sign * 1.0 if key else 0.01 * ((j * 7) % 5) for j, key in enumerate(key_token_mask(pieces))]
 
-    records = []
-    for i in range(len(pairs)):
-        chosen, _, rejected, _, prompt_len = pairs[i]
-        chosen, rejected = chosen[0].tolist(), rejected[0].tolist()
-        records.append({"index": i, "prompt_len": prompt_len, "chosen_input_ids": chosen,
-                        "rejected_input_ids": rejected, "chosen_scores": scores(chosen, prompt_len, 1),
-                        "rejected_scores": scores(rejected, prompt_len, -1)})
-    os.makedirs(os.path.join(out, "data"))
-    pq.write_table(pa.Table.from_pylist(records), os.path.join(out, "data", "shard-00000.parquet"))
-    manifest = {"tokenizer": {"name_or_path": tokenizer.name_or_path,
-                              "fingerprint": fingerprint or tokenizer_fingerprint(tokenizer)},
-                "data": {"max_len": 128}, "complete": True}
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
-    return out
+    return scores
 
 
-def scalars(tensorboard_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+@pytest.fixture(scope="module")
+def write_scores(tiny_pairs, write_score_dir):
+    """write_scores(out, fingerprint=None) -> out: the tiny pairs (ids from OpenRLHF's RewardDataset(is_dpo=True))
+    as a scores dir in the score_tokens format, scored by key_word_scores."""
+    tokenizer, pairs = tiny_pairs
 
-    (events,) = glob.glob(os.path.join(tensorboard_dir, "*", "events.out.tfevents.*"))
-    acc = EventAccumulator(events)
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    def write(out, fingerprint=None):
+        return write_score_dir(out, tokenizer, pairs, key_word_scores(tokenizer), fingerprint=fingerprint)
+
+    return write
 
 
 def selected_margin(model_dir, dataset):
@@ -84,11 +57,11 @@ def selected_margin(model_dir, dataset):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_dir, tmp_path_factory):
+def trained(tiny_dir, write_scores, tmp_path_factory):
     """SEPO_DEVICE=cpu train_selective_llama.sh (its ZeRO-3, bf16, gradient checkpointing defaults) on 2 ranks:
     48 pairs, batch 8 -> 6 steps, an OpenRLHF checkpoint every 2 steps."""
     work = tmp_path_factory.mktemp("sepo_train")
-    scores = write_score_dir(tiny_dir, str(work / "scores"))
+    scores = write_scores(str(work / "scores"))
     paths = SimpleNamespace(scores=scores, out=str(work / "out"), ckpt=str(work / "ckpt"), tb=str(work / "tb"))
     env = {**os.environ, "SEPO_DEVICE": "cpu", "SEPO_NPROC": "2", "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -104,19 +77,17 @@ def trained(tiny_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_rank_launcher_run_raises_selected_margin(tiny_dir, trained):
-    from openrlhf.utils import get_tokenizer
-
+def test_two_rank_launcher_run_raises_selected_margin(tiny_dir, tiny_pairs, trained, tb_scalars):
     from openrlhf_sepo.datasets import TokenScoreDataset
 
     assert "--ds.zero_stage 3" in trained.log and "--nproc_per_node 2" in trained.log
-    tokenizer = get_tokenizer(os.path.join(tiny_dir, "tokenizer"), None, "right", None)
+    tokenizer, _ = tiny_pairs
     dataset = TokenScoreDataset(trained.scores, tokenizer, 128)
     before = selected_margin(os.path.join(tiny_dir, "base"), dataset)
     after = selected_margin(trained.out, dataset)  # the HF checkpoint, loaded by transformers
     assert after > before + 0.2, (before, after)
 
-    logs = scalars(trained.tb)
+    logs = tb_scalars(trained.tb)
     for metric in ("loss", "acc", "chosen_reward", "reject_reward", "chosen_logps", "rejected_logps", "margin",
                    "selected_frac", "lr", "grad_norm", "loss_mean", "acc_mean"):
         values = logs[f"train/{metric}"]
@@ -130,7 +101,7 @@ def test_two_rank_launcher_run_raises_selected_margin(tiny_dir, trained):
 
 
 @pytest.mark.slow
-def test_resume_continues_at_the_right_step_with_eval_and_nll(tiny_dir, trained, run, tmp_path):
+def test_resume_continues_at_the_right_step_with_eval_and_nll(tiny_dir, trained, run, tb_scalars, tmp_path):
     # Make the step-4 checkpoint the latest, as if the run had stopped there (mid-epoch: 32 of 48 samples).
     assert os.path.isdir(os.path.join(trained.ckpt, "global_step4"))
     with open(os.path.join(trained.ckpt, "latest"), "w") as f:
@@ -144,15 +115,15 @@ def test_resume_continues_at_the_right_step_with_eval_and_nll(tiny_dir, trained,
         "--model.nll_loss_coef", "0.1",
     ], nproc=2)
     assert "consumed_samples: 32" in proc.stdout
-    logs = scalars(tb)
+    logs = tb_scalars(tb)
     assert [step for step, _ in logs["train/loss"]] == [5, 6]
     # OpenRLHF's evaluate() and NLL term run unchanged on SePO batches
     assert [step for step, _ in logs["eval/eval_loss"]] == [5, 6] and [s for s, _ in logs["eval/acc_mean"]] == [5, 6]
     assert all(0 < v < 10 for _, v in logs["train/nll_loss"] + logs["eval/eval_loss"])
 
 
-def test_tokenizer_mismatch_stops_before_the_model_loads(tiny_dir, run, tmp_path):
-    scores = write_score_dir(tiny_dir, str(tmp_path / "scores"), fingerprint="0123456789abcdef")
+def test_tokenizer_mismatch_stops_before_the_model_loads(tiny_dir, write_scores, run, tmp_path):
+    scores = write_scores(str(tmp_path / "scores"), fingerprint="0123456789abcdef")
     proc = run("openrlhf_sepo.cli.train_sepo", ["--model.model_name_or_path", os.path.join(tiny_dir, "base"),
                                                  "--data.dataset", scores, *TINY], check=False)
     assert proc.returncode != 0
@@ -168,10 +139,10 @@ def test_tokenizer_mismatch_stops_before_the_model_loads(tiny_dir, run, tmp_path
     (["--sepo.selection", "topk"], "argument --sepo.selection: invalid choice: 'topk'"),
     (["--sepo.beta", "0"], "--sepo.beta must be > 0"),
 ])
-def test_bad_flags_are_refused_before_training(tiny_dir, tmp_path, capsys, flags, message):
+def test_bad_flags_are_refused_before_training(tiny_dir, write_scores, tmp_path, capsys, flags, message):
     from openrlhf_sepo.cli import train_sepo
 
-    scores = write_score_dir(tiny_dir, str(tmp_path / "scores"))
+    scores = write_scores(str(tmp_path / "scores"))
     argv = ["--model.model_name_or_path", os.path.join(tiny_dir, "base"), "--data.dataset", scores, *flags]
     with pytest.raises(SystemExit) as exit_info:
         train_sepo.parse_args(argv)
