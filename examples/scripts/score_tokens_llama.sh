@@ -5,16 +5,12 @@
 # (same as train_dpo_llama.sh). Each GPU scores its own shards; a killed run resumes when started again.
 # Arguments after the script name override the defaults; SEPO_DEVICE=cpu runs it on CPU ranks.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/preference_data.sh"
 MODULE=openrlhf_sepo.cli.score_tokens
 DEFAULTS=(
   --oracle.model_name_or_path ./checkpoint/tinyllama-dpo-oracle
   --ref.model_name_or_path ./checkpoint/tinyllama-sft
-  --data.dataset HuggingFaceH4/ultrafeedback_binarized
-  --data.dataset_split train_prefs
-  --data.chosen_key chosen
-  --data.rejected_key rejected
-  --data.apply_chat_template
-  --data.max_len 2048
+  "${PREFERENCE_DATA[@]}"
   --score.micro_batch_size 8
   --score.max_tokens 65536
   --ds.param_dtype bf16

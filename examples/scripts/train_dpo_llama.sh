@@ -3,16 +3,12 @@
 # Published setup: TinyLlama SFT -> DPO on UltraFeedback-binarized, beta 0.1, lr 5e-7, 1 epoch, bf16, ZeRO-2.
 # The same script trains the all-token DPO baseline. Arguments after the script name override the defaults.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/preference_data.sh"
 MODULE=openrlhf.cli.train_dpo
 DEFAULTS=(
   --model.model_name_or_path ./checkpoint/tinyllama-sft
   --ref.model_name_or_path ./checkpoint/tinyllama-sft
-  --data.dataset HuggingFaceH4/ultrafeedback_binarized
-  --data.dataset_split train_prefs
-  --data.chosen_key chosen
-  --data.rejected_key rejected
-  --data.apply_chat_template
-  --data.max_len 2048
+  "${PREFERENCE_DATA[@]}"
   --model.beta 0.1
   --train.max_epochs 1
   --train.batch_size 128

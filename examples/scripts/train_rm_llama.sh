@@ -5,15 +5,11 @@
 # Published-style setup: from the SFT reference, UltraFeedback-binarized, lr 9e-6, 1 epoch, max_len 2048,
 # bf16, ZeRO-3, gradient checkpointing. Arguments after the script name override the defaults.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/preference_data.sh"
 MODULE=openrlhf.cli.train_rm
 DEFAULTS=(
   --model.model_name_or_path ./checkpoint/tinyllama-sft
-  --data.dataset HuggingFaceH4/ultrafeedback_binarized
-  --data.dataset_split train_prefs
-  --data.chosen_key chosen
-  --data.rejected_key rejected
-  --data.apply_chat_template
-  --data.max_len 2048
+  "${PREFERENCE_DATA[@]}"
   --train.max_epochs 1
   --train.batch_size 128
   --train.micro_batch_size 1
