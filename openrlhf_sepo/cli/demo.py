@@ -28,7 +28,16 @@ import time
 import openrlhf_sepo  # noqa: F401  (flash-attn kernel placeholder before OpenRLHF)
 from openrlhf_sepo import tiny
 
-POLICIES = ("sepo", "dpo", "simpo")
+# name -> (method, k, nll_loss_coef). The *_nll rows add OpenRLHF's --model.nll_loss_coef (an NLL term on the
+# whole chosen response) to the same three methods; the quick sizes (the CI test) train the first three only.
+POLICIES = {
+    "sepo": ("sepo", 0.3, 0.0),
+    "dpo": ("dpo", None, 0.0),
+    "simpo": ("sepo", 1.0, 0.0),
+    "sepo_nll": ("sepo", 0.3, 1.0),
+    "dpo_nll": ("dpo", None, 1.0),
+    "simpo_nll": ("sepo", 1.0, 1.0),
+}
 K_VALUES = (0.1, 0.3, 0.5)
 
 SIZES = {
@@ -50,6 +59,7 @@ class Demo:
         self.args = args
         self.out = os.path.abspath(args.output_dir)
         self.size = SIZES["quick" if args.quick else "full"]
+        self.policies = list(POLICIES)[:3] if args.quick else list(POLICIES)
         self.timings = {}
         os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
 
@@ -151,18 +161,17 @@ class Demo:
             "--logger.tensorboard_dir", self.path("tensorboard", name),
         ]
 
-    def train_sepo(self, name, k):
-        self.launch(name, "openrlhf_sepo.cli.train_sepo", [
-            *self._policy_flags(name), "--data.dataset", self.path("scores"),
-            "--sepo.k_chosen", str(k), "--sepo.k_rejected", str(k),
-            "--sepo.beta", str(self.args.sepo_beta), "--sepo.gamma", "0.0",
-        ])
-
-    def train_dpo(self):
-        self.launch("dpo", "openrlhf.cli.train_dpo", [
-            *self._policy_flags("dpo"), "--ref.model_name_or_path", self.path("models", "sft"),
-            "--data.dataset", self.path("data", "policy_pairs.jsonl"), *CHAT, "--model.beta", str(self.args.dpo_beta),
-        ])
+    def train_policy(self, name):
+        method, k, nll = POLICIES[name]
+        if method == "sepo":
+            module, data = "openrlhf_sepo.cli.train_sepo", [
+                "--data.dataset", self.path("scores"), "--sepo.k_chosen", str(k), "--sepo.k_rejected", str(k),
+                "--sepo.beta", str(self.args.sepo_beta), "--sepo.gamma", "0.0"]
+        else:  # OpenRLHF's DPO on the same pairs, with the reference model
+            module, data = "openrlhf.cli.train_dpo", [
+                "--ref.model_name_or_path", self.path("models", "sft"), "--data.dataset",
+                self.path("data", "policy_pairs.jsonl"), *CHAT, "--model.beta", str(self.args.dpo_beta)]
+        self.launch(name, module, [*self._policy_flags(name), *data, "--model.nll_loss_coef", str(nll)])
 
     def evaluate(self):
         from openrlhf_sepo.cli.evaluate import DataFlags, GenFlags, evaluate_models
@@ -171,13 +180,13 @@ class Demo:
         gen = GenFlags(prompts=self.path("data", "prompts.jsonl"), n_prompts=self.size["n_prompts"],
                        max_new_tokens=48, greedy=False, temperature=1.0, seed=self.args.seed, n_samples=3)
         models = {"sft": self.path("models", "sft"), "oracle": self.path("models", "oracle")}
-        models.update({p: self.path("models", p) for p in POLICIES})
+        models.update({p: self.path("models", p) for p in self.policies})
         final = evaluate_models(models, baseline="sft", data=data, gen=gen, reward="ground_truth", batch_size=32)
 
         # Ground-truth reward along training: every HF snapshot, generation only.
         curves = {}
         no_pairs = DataFlags(apply_chat_template=True, max_len=128)
-        for policy in POLICIES:
+        for policy in self.policies:
             snapshots = {0: self.path("models", "sft")}
             ckpt_dir = self.path("ckpt", policy)
             for entry in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
@@ -224,21 +233,28 @@ class Demo:
         }
 
     def training_tokens(self):
-        """Response tokens whose log-probs enter each policy's loss, summed over epochs (and its throughput)."""
+        """Per policy, the response tokens whose log-probs enter its loss, summed over epochs; and the prompt +
+        response tokens through the policy (for its throughput). An NLL term reads every chosen-response token."""
         from datasets import load_dataset
 
         from openrlhf_sepo.scoring import num_selected
 
         rows = load_dataset("parquet", data_dir=self.path("scores", "data"), split="train")
-        epochs = self.size["policy_epochs"]
-        full = sequence = selected = 0
+        count = dict(chosen=0, rejected=0, chosen_selected=0, rejected_selected=0, sequence=0)
         for row in rows:
             for side in ("chosen", "rejected"):
                 n = len(row[f"{side}_scores"])
-                full += n
-                selected += num_selected(n, 0.3)
-                sequence += len(row[f"{side}_input_ids"])
-        return {"sepo": selected * epochs, "dpo": full * epochs, "simpo": full * epochs}, sequence * epochs
+                count[side] += n
+                count[f"{side}_selected"] += num_selected(n, 0.3)
+                count["sequence"] += len(row[f"{side}_input_ids"])
+        tokens = {}
+        for name in self.policies:
+            method, k, nll = POLICIES[name]
+            selective = method == "sepo" and k < 1.0
+            chosen = count["chosen"] if nll or not selective else count["chosen_selected"]
+            rejected = count["rejected_selected"] if selective else count["rejected"]
+            tokens[name] = (chosen + rejected) * self.size["policy_epochs"]
+        return tokens, count["sequence"] * self.size["policy_epochs"]
 
     def report(self):
         with open(self.path("evaluation.json")) as f:
@@ -274,7 +290,7 @@ class Demo:
             "wall time (s) | policy tokens/s |",
             "|---|---|---|---|---|---|---|",
         ]
-        for m in ("sft", "oracle", *POLICIES):
+        for m in ("sft", "oracle", *self.policies):
             wall = times.get(m, times.get("oracle") if m == "oracle" else None)
             tok = tokens.get(m)
             tps = f"{sequence_tokens / wall:.0f}" if m in POLICIES and wall else "-"
@@ -284,9 +300,11 @@ class Demo:
                 f"{wall if wall is not None else '-'} | {tps} |"
             )
         lines += [
-            "", "Training tokens: response tokens whose log-probs enter the policy loss (SePO: the k = 0.3 "
-            "selection; DPO and SimPO: all). Policy tokens/s: prompt + response tokens through the policy per "
-            "second of stage wall time (2 CPU ranks).", "",
+            "", "All policies start from the SFT model and share data, steps, batch size and learning rate. "
+            "`*_nll` rows add OpenRLHF's `--model.nll_loss_coef 1` (NLL of the whole chosen response) to the same "
+            "method. Training tokens: response tokens whose log-probs enter the loss (SePO: the k = 0.3 selection, "
+            "plus the chosen response with NLL; DPO and SimPO: all). Policy tokens/s: prompt + response tokens "
+            "through the policy per second of stage wall time (2 CPU ranks; DPO also runs its reference model).", "",
             "## Oracle token selection against the planted key tokens", "",
             "| k | precision | recall | base rate |", "|---|---|---|---|",
         ]
@@ -304,7 +322,7 @@ class Demo:
             *[f"| {k} | {v} |" for k, v in times.items()],
             "", "## Sample generations", "",
         ]
-        for m in ("sft", *POLICIES):
+        for m in ("sft", *self.policies):
             for sample in final[m].get("samples", [])[:2]:
                 text = sample.get("response", sample) if isinstance(sample, dict) else sample
                 lines.append(f"- **{m}**: {json.dumps(text)}")
@@ -318,9 +336,11 @@ class Demo:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 3.6))
+        colors = {"sepo": "tab:green", "dpo": "tab:blue", "simpo": "tab:orange"}
         for policy, curve in curves.items():
-            steps = sorted(curve)
-            ax.plot(steps, [curve[s] for s in steps], marker="o", label=policy)
+            steps = sorted(curve, key=int)
+            ax.plot([int(s) for s in steps], [curve[s] for s in steps], marker="o", label=policy,
+                    color=colors[policy.removesuffix("_nll")], linestyle="--" if policy.endswith("_nll") else "-")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("ground-truth reward (sampled)")
         ax.set_title("Alignment during training (same data, steps and lr)")
@@ -350,9 +370,8 @@ class Demo:
         self.stage("sft", self.train_sft, self.path("models", "sft"))
         self.stage("oracle", self.train_oracle, self.path("models", "oracle"))
         self.stage("scores", self.score, self.path("scores"))
-        self.stage("sepo", lambda: self.train_sepo("sepo", 0.3), self.path("models", "sepo"))
-        self.stage("dpo", self.train_dpo, self.path("models", "dpo"))
-        self.stage("simpo", lambda: self.train_sepo("simpo", 1.0), self.path("models", "simpo"))
+        for name in self.policies:
+            self.stage(name, lambda name=name: self.train_policy(name), self.path("models", name))
         self.stage("evaluate", self.evaluate, self.path("eval_done"))
         print("[demo] report   ...", flush=True)
         self.report()
