@@ -81,10 +81,10 @@ def chain_models(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("chains")
     tok = os.path.join(tiny_dir, "tokenizer")
     return {
-        "bad": _chain_model(out / "bad", tok, "vague careless sloppy"),  # ground truth -1
-        "good": _chain_model(out / "good", tok, "accurate helpful clear"),  # +1
-        "mixed": _chain_model(out / "mixed", tok, "accurate wrong honest"),  # +1/3
-        "bad2": _chain_model(out / "bad2", tok, "rude lazy harmful"),  # -1: ties with "bad"
+        "bad": _chain_model(out / "bad", tok, "vague careless sloppy misleading"),  # ground truth -1
+        "good": _chain_model(out / "good", tok, "accurate helpful clear kind"),  # +1
+        "mixed": _chain_model(out / "mixed", tok, "accurate wrong honest careful"),  # (3 - 1) / 4
+        "bad2": _chain_model(out / "bad2", tok, "rude lazy harmful wrong"),  # -1: ties with "bad"
     }
 
 
@@ -151,14 +151,14 @@ def test_generations_ground_truth_rewards_and_win_rates(tiny_dir, chain_models):
     )
     models = report["models"]
     assert report["n_prompts"] == 5 and report["n_pairs"] == 16 and report["reward_source"] == "ground_truth"
-    expected_reward = {"bad": -1.0, "good": 1.0, "mixed": 1 / 3, "bad2": -1.0}
+    expected_reward = {"bad": -1.0, "good": 1.0, "mixed": 0.5, "bad2": -1.0}
     expected_win = {"bad": 0.5, "good": 1.0, "mixed": 1.0, "bad2": 0.5}
     for name, m in models.items():
         assert [s["response"].split() for s in m["samples"]] == [m["samples"][0]["response"].split()] * 5
         assert m["reward_mean"] == pytest.approx(expected_reward[name])
         assert m["win_rate_vs_bad"] == expected_win[name]
         assert set(m) >= {"pairwise_accuracy", "mean_margin", "n_pairs", "n_prompts", "reward_source"}
-    assert models["good"]["samples"][0]["response"].split() == ["accurate", "helpful", "clear"]
+    assert models["good"]["samples"][0]["response"].split() == ["accurate", "helpful", "clear", "kind"]
     # Win-rate arithmetic on rewards that are not all equal or all ordered.
     assert ev.win_rate([1.0, 0.0, -1.0, 0.5], [0.0, 0.0, 0.0, 1.0]) == (1 + 0.5 + 0 + 0) / 4
 
@@ -171,7 +171,7 @@ def test_sampled_generation_from_a_prompt_file(tiny_dir, chain_models, tmp_path)
     gen = ev.GenFlags(prompts=str(prompts), prompt_key="question", temperature=0.7, max_new_tokens=8)
     # Sampling still follows the chain: its next token has ~18 logits more than any other.
     assert [r.split() for r in ev.generate(model, tokenizer, held_out, CHAT, gen, batch_size=3)] == [
-        ["accurate", "wrong", "honest"]
+        ["accurate", "wrong", "honest", "careful"]
     ] * 4
     report = ev.evaluate_models({"mixed": chain_models["mixed"]}, data=CHAT, gen=gen, reward="ground_truth")
     assert report["n_prompts"] == 4 and report["n_pairs"] == 0
