@@ -6,11 +6,10 @@ Each variant runs in a fresh subprocess (1 rank, OpenRLHF's DeepSpeed strategy, 
 (see --dtype), through the CPU
 runtime when there is no GPU) on the same tiny Llama and the same batch, through the trainer's real ``fit()``:
 
-- ``dpo``:       OpenRLHF ``DPOTrainer`` (policy forward + backward, reference-model forward)
-- ``sepo``:      ``SelectiveDPOTrainer`` (policy forward + backward only; k = 0.3 per response)
-- ``sepo_skip``: as ``sepo``, but the LM head and log-softmax run only at the selected positions (hidden states
-  gathered before ``lm_head``). Measured here, not shipped in the trainer: it calls the HF model's parts around
-  OpenRLHF's ``Actor.forward`` (no temperature, packing or ring attention, no ZeRO-3 engine forward).
+- ``dpo``:        OpenRLHF ``DPOTrainer`` (policy forward + backward, reference-model forward)
+- ``sepo_full``:  ``SelectiveDPOTrainer --sepo.full_logits`` (policy forward + backward through OpenRLHF's
+  ``Actor.forward``, full logits; k = 0.3 per response)
+- ``sepo``:       ``SelectiveDPOTrainer`` as shipped: the LM head and log-softmax run at the selected positions only
 
 Step time: wall time between consecutive batches handed to ``fit()`` after ``--warmup`` steps; the fastest
 step is compared (the least disturbed by other processes on a shared machine), the median is printed too. Peak memory:
@@ -28,7 +27,7 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("dpo", "sepo", "sepo_skip")
+VARIANTS = ("dpo", "sepo_full", "sepo")
 
 
 class TimedBatches:
@@ -78,7 +77,6 @@ def run_variant(opts):
 
     set_single_process_rendezvous()
     patch_openrlhf_for_cpu()
-    import torch.nn.functional as F
     from openrlhf.models import Actor
     from openrlhf.trainer.dpo_trainer import DPOTrainer
     from openrlhf.utils import get_strategy, get_tokenizer
@@ -86,25 +84,6 @@ def run_variant(opts):
 
     from openrlhf_sepo.cli.train_sepo import build_parser
     from openrlhf_sepo.trainer import SelectiveDPOTrainer
-
-    class SkipHeadTrainer(SelectiveDPOTrainer):
-        """LM head + log-softmax at the selected positions only (unselected log-probs are 0, never read)."""
-
-        def concatenated_forward(self, model, chosen_ids, c_mask, reject_ids, r_mask, key_tokens):
-            if model is self.ref_model:
-                return super().concatenated_forward(model, chosen_ids, c_mask, reject_ids, r_mask, key_tokens)
-            ids, att, _ = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask, key_tokens.prompt_id_lens)
-            chosen_sel, rejected_sel, _, _ = super().concatenated_forward(
-                self.ref_model, chosen_ids, c_mask, reject_ids, r_mask, key_tokens
-            )
-            selected = torch.cat([chosen_sel, rejected_sel])
-            hf = model.model.module
-            position_ids = att.long().cumsum(-1) - 1
-            hidden = hf.model(ids, attention_mask=att, position_ids=position_ids).last_hidden_state[:, :-1]
-            logps = F.log_softmax(hf.lm_head(hidden[selected]).float(), -1)
-            logps = logps.gather(-1, ids[:, 1:][selected].unsqueeze(-1)).squeeze(-1)
-            full = torch.zeros(selected.shape, dtype=logps.dtype, device=logps.device).masked_scatter(selected, logps)
-            return full[: chosen_ids.shape[0]], full[chosen_ids.shape[0] :], [], 0
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     flat = build_parser().parse_args([
@@ -141,8 +120,8 @@ def run_variant(opts):
         batches.batch = batch
     else:
         model, optim, scheduler = strategy.prepare((model, cfg))
-        trainer_cls = SkipHeadTrainer if opts.variant == "sepo_skip" else SelectiveDPOTrainer
-        trainer = trainer_cls(model=model, optim=optim, scheduler=scheduler, beta=1.0, gamma=0.0, **common)
+        trainer = SelectiveDPOTrainer(model=model, optim=optim, scheduler=scheduler, beta=1.0, gamma=0.0,
+                                      full_logits=opts.variant == "sepo_full", **common)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(args, 0, len(batches))
@@ -203,7 +182,7 @@ def main(argv=None):
             print(f"{variant:>10}: step {r['step_s'] * 1000:8.1f} ms (median {r['median_s'] * 1000:.1f})   "
                   f"peak {r['peak_mib']:8.1f} MiB")
     dpo = results.get("dpo")
-    for variant in ("sepo", "sepo_skip"):
+    for variant in ("sepo_full", "sepo"):
         if dpo and variant in results:
             r = results[variant]
             print(f"{variant}/dpo: fastest step time {r['step_s'] / dpo['step_s']:.2f}x   peak memory "

@@ -15,10 +15,17 @@ keeps both loops unchanged and makes their hooks SePO's:
 - loss: ``loss_fn`` is ``SePOLoss(policy_chosen, policy_rejected, chosen_mask, rejected_mask)``, whose argument
   order matches DPOLoss's with the masks in the reference slots. Its rewards are ``beta * u``, so fit's ``acc``
   is ``u_w > u_l``.
+- selected positions only (default): SePO reads the policy's log-probs at the selected tokens alone, so the
+  policy forward asks the model (through the DeepSpeed engine, as ``Actor.forward`` does) for its final hidden
+  states and the logits of one position, and runs the LM head and log-softmax on the selected positions only:
+  about 70% of the LM head and log-softmax work is never done. ``--sepo.full_logits`` keeps OpenRLHF's
+  ``Actor.forward`` (full logits); so do ``--model.nll_loss_coef`` (its NLL reads every chosen token) and
+  ``--ds.packing_samples``. Both paths give the same log-probs at the selected positions (tested).
 - logs: ``save_logs_and_checkpoints`` adds the selected-token mean log-probs, their margin and the fraction of
   response tokens selected to OpenRLHF's logs (loss, acc, chosen/reject_reward, lr, grad_norm, nll_loss).
 """
 
+import torch
 import torch.nn.functional as F
 from openrlhf.trainer.dpo_trainer import DPOTrainer
 
@@ -52,6 +59,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         max_norm=0.5,
         beta=1.0,
         gamma=0.0,
+        full_logits: bool = False,
         max_epochs: int = 2,
         save_hf_ckpt: bool = False,
         disable_ds_ckpt: bool = False,
@@ -68,6 +76,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             disable_ds_ckpt=disable_ds_ckpt,
         )
         self.gamma = gamma
+        self.selected_positions_only = not (full_logits or self.nll_loss or self.packing_samples)
         self.sepo_loss = SePOLoss(beta, gamma)
         self.loss_fn = self._loss
         self._step_logs = {}
@@ -87,6 +96,8 @@ class SelectiveDPOTrainer(DPOTrainer):
         """Policy: OpenRLHF's forward -> (chosen [B, T-1], rejected [B, T-1] per-token log-probs, aux, nll).
         Reference slot: (chosen selection mask, rejected selection mask, None, None), padded to T-1; no forward."""
         if model is not self.ref_model:
+            if self.selected_positions_only:
+                return self._selected_forward(model, chosen_ids, c_mask, reject_ids, r_mask, key_tokens)
             return super().concatenated_forward(model, chosen_ids, c_mask, reject_ids, r_mask, key_tokens.prompt_id_lens)
         width = max(chosen_ids.shape[1], reject_ids.shape[1]) - 1
         chosen_sel = F.pad(key_tokens.chosen_mask, (0, width - key_tokens.chosen_mask.shape[1])).to(chosen_ids.device)
@@ -94,6 +105,30 @@ class SelectiveDPOTrainer(DPOTrainer):
         response_tokens = c_mask.sum() + r_mask.sum() - 2 * sum(key_tokens.prompt_id_lens)
         self._step_logs["selected_frac"] = ((chosen_sel.sum() + rejected_sel.sum()) / response_tokens).item()
         return chosen_sel, rejected_sel, None, None
+
+    def _selected_forward(self, model, chosen_ids, c_mask, reject_ids, r_mask, key_tokens):
+        """Policy log-probs [B, T-1] (chosen, rejected) with the LM head and log-softmax run at the selected
+        positions only; unselected entries are 0 and never read by ``SePOLoss``. No NLL term (see the module doc).
+
+        Position ids as ``Actor.forward`` builds them; ``hidden_states[-1]`` is the final, normed hidden state that
+        the LM head reads, and ``logits_to_keep=1`` keeps the model from computing the other logits.
+        """
+        ids, att, _ = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask, key_tokens.prompt_id_lens)
+        chosen_sel, rejected_sel, _, _ = self.concatenated_forward(
+            self.ref_model, chosen_ids, c_mask, reject_ids, r_mask, key_tokens
+        )
+        selected = torch.cat([chosen_sel, rejected_sel]).bool()
+        position_ids = att.long().cumsum(-1) - 1
+        position_ids.masked_fill_(att == 0, 1)
+        output = model.model(ids, attention_mask=att, position_ids=position_ids, output_hidden_states=True,
+                             logits_to_keep=1)
+        lm_head = getattr(model.model, "module", model.model).get_output_embeddings()  # engine.module: the HF model
+        logits = lm_head(output.hidden_states[-1][:, :-1][selected]).float()  # [selected tokens, V]
+        labels = ids[:, 1:][selected].unsqueeze(-1)
+        logps = logits.gather(-1, labels).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        full = torch.zeros(selected.shape, dtype=logps.dtype, device=logps.device).masked_scatter(selected, logps)
+        aux_loss = output.aux_loss if "aux_loss" in output else []
+        return full[: chosen_ids.shape[0]], full[chosen_ids.shape[0] :], aux_loss, 0
 
     def _get_batch_logps(self, per_token_logps, attention_mask, prompt_id_lens):
         """(per-token log-probs [B, T-1], mean over response tokens [B]): the per-token tensor in the sum's place,

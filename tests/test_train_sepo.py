@@ -162,3 +162,57 @@ def test_parser_keeps_train_dpo_names_and_defaults():
                         "sepo.k_chosen": 0.3, "sepo.k_rejected": 0.3, "sepo.selection": "per_response",
                         "sepo.beta": 1.0, "sepo.gamma": 0.0}.items():
         assert defaults[dest] == value, dest
+
+
+def test_selected_positions_forward_equals_openrlhf_full_forward(tiny_dir, tiny_pairs):
+    """The default policy forward (LM head and log-softmax at the selected positions only) gives OpenRLHF's
+    Actor.forward log-probs at every selected position, and the same SePO loss gradient. The trainer here is a
+    shell holding only what the forward reads (fit() itself runs in the 2-rank tests above); the Actor is
+    OpenRLHF's, not wrapped by DeepSpeed, which the 2-rank ZeRO-3 run covers."""
+    from openrlhf.models import Actor
+
+    from openrlhf_sepo.datasets import KeyTokens
+    from openrlhf_sepo.scoring import select_key_tokens
+    from openrlhf_sepo.trainer import NoReferenceModel, SelectiveDPOTrainer
+
+    tokenizer, pairs = tiny_pairs
+    actor = Actor(os.path.join(tiny_dir, "base"), attn_implementation="sdpa", param_dtype="bf16").float()
+    trainer = object.__new__(SelectiveDPOTrainer)
+    trainer.tokenizer, trainer.ref_model, trainer._step_logs = tokenizer, NoReferenceModel(), {}
+    trainer.strategy = SimpleNamespace(ring_attn_group=None)
+
+    batch = pairs[:3]
+    pad = tokenizer.pad_token_id
+    sides = []
+    for col, largest in ((1, True), (2, False)):
+        width = max(len(p[col]) for p in batch)
+        ids = torch.full((len(batch), width), pad)
+        att = torch.zeros_like(ids)
+        mask = torch.zeros(len(batch), width - 1, dtype=torch.bool)
+        for i, (prompt_len, *seqs) in enumerate(batch):
+            seq = seqs[col - 1]
+            ids[i, : len(seq)], att[i, : len(seq)] = torch.tensor(seq), 1
+            scores = torch.sin(torch.tensor(seq[prompt_len:], dtype=torch.float) * 1.3)
+            mask[i, prompt_len - 1 : len(seq) - 1] = select_key_tokens(scores, 0.3, largest)
+        sides.append((ids, att, mask))
+    (c_ids, c_att, c_sel), (r_ids, r_att, r_sel) = sides
+    key_tokens = KeyTokens([p[0] for p in batch], c_sel, r_sel)
+
+    results = {}
+    for selected_only in (True, False):
+        trainer.selected_positions_only = selected_only
+        actor.zero_grad()
+        chosen, rejected, _, _ = trainer.concatenated_forward(actor, c_ids, c_att, r_ids, r_att, key_tokens)
+        width = max(c_ids.shape[1], r_ids.shape[1]) - 1
+        c_mask, r_mask = (torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in (c_sel, r_sel))
+        loss, _, _ = SePOLoss(beta=2.0)(chosen, rejected, c_mask, r_mask)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in actor.parameters() if p.grad is not None])
+        results[selected_only] = (chosen[c_mask].detach(), rejected[r_mask].detach(), loss.item(), grads)
+
+    (c_fast, r_fast, loss_fast, g_fast), (c_full, r_full, loss_full, g_full) = results[True], results[False]
+    assert c_fast.numel() == int(c_sel.sum()) > 0 and r_fast.numel() == int(r_sel.sum()) > 0
+    torch.testing.assert_close(c_fast, c_full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r_fast, r_full, atol=1e-5, rtol=1e-5)
+    assert loss_fast == pytest.approx(loss_full, abs=1e-5)
+    torch.testing.assert_close(g_fast, g_full, atol=1e-5, rtol=1e-4)

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sepo.selection", type=str, default="per_response", choices=list(SELECTION_MODES))
     add("--sepo.beta", type=float, default=1.0, help="scale of the selected-token log-prob margin, > 0")
     add("--sepo.gamma", type=float, default=0.0, help="target margin")
+    add("--sepo.full_logits", action="store_true", default=False,
+        help="run the LM head and log-softmax at every position (OpenRLHF's Actor.forward); default: at the "
+             "selected positions only")
 
     # Optimizer + scheduler + grad clip (OpenRLHF's)
     add("--optim", type=str, default="adam", choices=["adam", "muon"])
@@ -241,6 +244,7 @@ def train(args):
         max_norm=args.max_norm,
         beta=args.sepo.beta,
         gamma=args.sepo.gamma,
+        full_logits=args.sepo.full_logits,
         max_epochs=args.train.max_epochs,
         save_hf_ckpt=args.ckpt.save_hf,
         disable_ds_ckpt=args.ckpt.disable_ds,
