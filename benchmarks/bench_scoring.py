@@ -34,6 +34,7 @@ import torch
 
 from openrlhf_sepo import tiny
 from openrlhf_sepo.cli import score_tokens
+from openrlhf_sepo.datasets import DataStrategy
 
 K_PERC = (0.1, 0.3, 0.5)
 
@@ -107,7 +108,7 @@ def main():
 
     # Same pairs, same batches, for the loop and the floor (built outside the timed region).
     cli_args = score_tokens.parse_args(cli_flags)
-    strategy = score_tokens._Strategy(cli_args, 0)
+    strategy = DataStrategy(cli_args.data)
     tokenizer = score_tokens.load_tokenizer(cli_args, cli_args.oracle.model_name_or_path, "oracle")
     row_tok = score_tokens.RowTokenizer(tokenizer, strategy)
     rows = [json.loads(line) for line in open(data)]

@@ -9,6 +9,7 @@ scoring time, so training reads them as they are and never re-tokenizes.
 
 import json
 import os
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -20,6 +21,26 @@ from openrlhf_sepo.scoring import num_selected, select_key_tokens, tokenizer_fin
 SELECTION_MODES = ("per_response", "global")
 REQUIRED_COLUMNS = ("prompt_len", "chosen_input_ids", "rejected_input_ids", "chosen_scores", "rejected_scores")
 _ROWS_PER_CHUNK = 512  # per_response selection pads this many rows at a time (bounded memory)
+
+
+class DataStrategy:
+    """The slice of OpenRLHF's ``DeepspeedStrategy`` that its ``blending_datasets`` and ``RewardDataset`` read:
+    ``args.data`` (the ``--data.*`` flags), ``args.use_ms``, ``print`` and ``is_rank_0``.
+
+    Scoring and evaluation tokenize exactly as ``train_dpo`` does, through those OpenRLHF pieces, without building
+    a DeepSpeed engine. Prints on ``rank`` 0; ``quiet`` prints nothing (there ``is_rank_0`` only gates prints).
+    """
+
+    def __init__(self, data, rank: int = 0, quiet: bool = False):
+        self.args = SimpleNamespace(data=data, use_ms=False)
+        self.rank, self.quiet = rank, quiet
+
+    def is_rank_0(self):
+        return self.rank == 0 and not self.quiet
+
+    def print(self, *msg):
+        if self.is_rank_0():
+            print(*msg, flush=True)
 
 
 class ScoreDataError(ValueError):

@@ -76,16 +76,18 @@ def tiny_flags():
 
 def tokenize_pairs(tiny_dir, max_len=128):
     """(tokenizer, [(prompt_len, chosen_ids, rejected_ids)]) exactly as OpenRLHF's RewardDataset(is_dpo=True) makes
-    them from the tiny UltraFeedback-shaped pairs. The strategy is a stand-in: RewardDataset reads only its args."""
+    them from the tiny UltraFeedback-shaped pairs. The strategy is the package's DataStrategy: RewardDataset reads only its args."""
     import datasets
     from openrlhf.datasets import RewardDataset
     from openrlhf.utils import get_tokenizer
+
+    from openrlhf_sepo.datasets import DataStrategy
 
     tokenizer = get_tokenizer(os.path.join(tiny_dir, "tokenizer"), None, "right", None)
     data_args = SimpleNamespace(prompt_key=None, chosen_key="chosen", rejected_key="rejected",
                                 apply_chat_template=True, tokenizer_chat_template=None)
     rows = datasets.load_dataset("json", data_files=os.path.join(tiny_dir, "pairs.jsonl"), split="train")
-    reward = RewardDataset(rows, tokenizer, max_len, SimpleNamespace(args=SimpleNamespace(data=data_args)),
+    reward = RewardDataset(rows, tokenizer, max_len, DataStrategy(data_args, quiet=True),
                            is_dpo=True, num_processors=1)
     pairs = []
     for i in range(len(reward)):

@@ -13,6 +13,7 @@ import torch
 import openrlhf_sepo  # noqa: F401  (flash-attn placeholder before OpenRLHF)
 from openrlhf_sepo import tiny
 from openrlhf_sepo.cli import score_tokens
+from openrlhf_sepo.datasets import DataStrategy
 from openrlhf_sepo.scoring import tokenizer_fingerprint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +108,7 @@ def test_output_schema_ids_scores_and_manifest(setup, reference_run):
     # Ids: exactly what OpenRLHF's RewardDataset(is_dpo=True) gives the trainer for the kept rows.
     tok = AutoTokenizer.from_pretrained(setup["oracle"])
     args = score_tokens.parse_args(flags(setup, out))
-    strategy = score_tokens._Strategy(args, 0)
+    strategy = DataStrategy(args.data)
     ds = RewardDataset(Dataset.from_list([setup["rows"][i] for i in kept]), tok, 96, strategy, is_dpo=True,
                        num_processors=1)
     assert len(ds) == len(rows)

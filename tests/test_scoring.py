@@ -8,6 +8,7 @@ import torch
 
 import openrlhf_sepo  # noqa: F401  (flash-attn placeholder before OpenRLHF)
 from openrlhf_sepo import tiny
+from openrlhf_sepo.datasets import DataStrategy
 from openrlhf_sepo.scoring import label_logprobs, num_selected, select_key_tokens, token_scores
 
 
@@ -129,7 +130,7 @@ def _strategy(**data):
     base = dict(prompt_key=None, chosen_key="chosen", rejected_key="rejected", apply_chat_template=False,
                 tokenizer_chat_template=None, input_template=None, max_len=128)
     base.update(data)
-    return SimpleNamespace(args=SimpleNamespace(data=SimpleNamespace(**base)), print=print, is_rank_0=lambda: True)
+    return DataStrategy(SimpleNamespace(**base))
 
 
 def _reward_dataset_ids(rows, tokenizer, strategy):

@@ -21,10 +21,10 @@ import dataclasses
 import json
 import os
 import sys
-from types import SimpleNamespace
 from typing import Optional
 
 import openrlhf_sepo  # noqa: F401  (flash-attn kernel placeholder, before anything imports OpenRLHF)
+from openrlhf_sepo.datasets import DataStrategy
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 GROUND_TRUTH = "ground_truth"
@@ -67,21 +67,12 @@ class GenFlags:
     n_samples: int = 3  # generations kept in the output per model
 
 
-def _strategy(data: DataFlags):
-    """The few attributes of an OpenRLHF strategy that ``blending_datasets`` and ``RewardDataset`` read."""
-    return SimpleNamespace(
-        args=SimpleNamespace(data=data, use_ms=False),
-        print=lambda *a, **k: None,
-        is_rank_0=lambda: False,  # only gates a debug print of the loaded datasets
-    )
-
-
 def load_rows(path: str, split: str = "train", max_samples: int = 1000000):
     """Rows of any data set OpenRLHF's ``blending_datasets`` reads (jsonl, json, parquet, a saved dataset
     directory, a hub name; comma-separated for several), as a ``datasets.Dataset``."""
     from openrlhf.datasets.utils import blending_datasets
 
-    rows = blending_datasets(path, None, _strategy(DataFlags()), max_count=max_samples, dataset_split=split)
+    rows = blending_datasets(path, None, DataStrategy(DataFlags(), quiet=True), max_count=max_samples, dataset_split=split)
     return rows.select(range(min(max_samples, len(rows))))
 
 
@@ -96,7 +87,7 @@ def _reward_dataset(rows, tokenizer, data: DataFlags, is_dpo: bool):
 
     # One process: evaluation sets are small, and worker start-up costs more than it saves on few cores.
     return RewardDataset(
-        _as_dataset(rows), tokenizer, data.max_len, _strategy(data), data.input_template, is_dpo=is_dpo,
+        _as_dataset(rows), tokenizer, data.max_len, DataStrategy(data, quiet=True), data.input_template, is_dpo=is_dpo,
         num_processors=1,
     )
 

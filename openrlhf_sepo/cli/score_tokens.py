@@ -32,6 +32,7 @@ from openrlhf.datasets.utils import blending_datasets
 from openrlhf.utils import get_tokenizer
 from openrlhf.utils.config import hierarchize
 
+from openrlhf_sepo.datasets import DataStrategy
 from openrlhf_sepo.scoring import select_key_tokens, token_scores, tokenizer_fingerprint
 
 FORMAT_VERSION = 1
@@ -105,23 +106,6 @@ def parse_args(argv=None):
     if args.ds.param_dtype is None:
         args.ds.param_dtype = "bf16" if torch.cuda.is_available() else "fp32"
     return args
-
-
-class _Strategy:
-    """The slice of OpenRLHF's strategy that blending_datasets and RewardDataset read (args, print, rank 0).
-
-    Scoring is inference with plain data parallelism, so no DeepSpeed engine is built."""
-
-    def __init__(self, args, rank):
-        self.args, self.rank = args, rank
-        args.use_ms = False
-
-    def is_rank_0(self):
-        return self.rank == 0
-
-    def print(self, *msg):
-        if self.rank == 0:
-            print(*msg, flush=True)
 
 
 class _NoRows:
@@ -498,7 +482,7 @@ def run(args):
 
     wall_start = time.time()
     rank, world, device = _dist_setup()
-    strategy = _Strategy(args, rank)
+    strategy = DataStrategy(args.data, rank)  # scoring is plain data-parallel inference: no DeepSpeed engine
     out = args.output_dir
 
     # Everything that can be wrong with the flags is found before a model is loaded.
