@@ -174,6 +174,11 @@ def train(args):
     tokenizer = get_tokenizer(args.model.model_name_or_path, None, "right", strategy, use_fast=use_fast)
     train_dataset = _score_dataset(args.data.dataset, tokenizer, strategy, args, args.data.max_samples)
     eval_dataset = _score_dataset(args.eval.dataset, tokenizer, strategy, args, 100000000) if args.eval.dataset else None
+    num_update_steps_per_epoch = len(train_dataset) // args.train.batch_size
+    if num_update_steps_per_epoch < 1:
+        raise ScoreDataError(
+            f"{len(train_dataset)} training pairs is fewer than one --train.batch_size ({args.train.batch_size})"
+        )
 
     model = Actor(
         args.model.model_name_or_path,
@@ -207,11 +212,6 @@ def train(args):
             num_workers=args.data.dataloader_num_workers,
         )
 
-    num_update_steps_per_epoch = len(train_dataset) // args.train.batch_size
-    if num_update_steps_per_epoch < 1:
-        raise ScoreDataError(
-            f"{len(train_dataset)} training pairs is fewer than one --train.batch_size ({args.train.batch_size})"
-        )
     max_steps = math.ceil(args.train.max_epochs * num_update_steps_per_epoch)
     cfg = dict(
         optim=args.optim,
