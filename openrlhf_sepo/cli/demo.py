@@ -201,16 +201,14 @@ class Demo:
             json.dump({"final": final, "curves": curves}, f, indent=1)
 
     # --- report ---------------------------------------------------------------------------------------
-    def selection_quality(self):
+    def selection_quality(self, rows):
         """Precision / recall of the oracle's selected tokens against the planted key tokens, per k."""
         import torch
-        from datasets import load_dataset
         from transformers import AutoTokenizer
 
         from openrlhf_sepo.scoring import select_key_tokens
 
         tok = AutoTokenizer.from_pretrained(self.path("models", "sft"))
-        rows = load_dataset("parquet", data_dir=self.path("scores", "data"), split="train")
         hits = {k: 0 for k in K_VALUES}
         selected = {k: 0 for k in K_VALUES}
         n_key = n_tokens = 0
@@ -232,14 +230,11 @@ class Demo:
             "n_response_tokens": n_tokens,
         }
 
-    def training_tokens(self):
+    def training_tokens(self, rows):
         """Per policy, the response tokens whose log-probs enter its loss, summed over epochs; and the prompt +
         response tokens through the policy (for its throughput). An NLL term reads every chosen-response token."""
-        from datasets import load_dataset
-
         from openrlhf_sepo.scoring import num_selected
 
-        rows = load_dataset("parquet", data_dir=self.path("scores", "data"), split="train")
         count = dict(chosen=0, rejected=0, chosen_selected=0, rejected_selected=0, sequence=0)
         for row in rows:
             for side in ("chosen", "rejected"):
@@ -257,11 +252,14 @@ class Demo:
         return tokens, count["sequence"] * self.size["policy_epochs"]
 
     def report(self):
+        from datasets import load_dataset
+
         with open(self.path("evaluation.json")) as f:
             evaluation = json.load(f)
         final, curves = evaluation["final"]["models"], evaluation["curves"]
-        selection = self.selection_quality()
-        tokens, sequence_tokens = self.training_tokens()
+        scored = load_dataset("parquet", data_dir=self.path("scores", "data"), split="train")  # the policy split
+        selection = self.selection_quality(scored)
+        tokens, sequence_tokens = self.training_tokens(scored)
         times = self._load_times()
 
         subprocess.run([sys.executable, "-m", "openrlhf_sepo.cli.score_report", self.path("scores"),
