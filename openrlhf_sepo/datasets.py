@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from openrlhf_sepo.scoring import num_selected, select_key_tokens, tokenizer_fingerprint
 
-SELECTION_MODES = ("per_response", "global")
+SELECTION_MODES = ("per_response", "global", "random")
 REQUIRED_COLUMNS = ("prompt_len", "chosen_input_ids", "rejected_input_ids", "chosen_scores", "rejected_scores")
 _ROWS_PER_CHUNK = 512  # per_response selection pads this many rows at a time (bounded memory)
 
@@ -89,6 +89,26 @@ def _list_column(table, name):
     return column.flatten().to_numpy(zero_copy_only=False), lengths
 
 
+def common_prefix_lengths(chosen_flat, chosen_lens, rejected_flat, rejected_lens, prompt_len):
+    """P per row: the number of leading response tokens (ids after ``prompt_len``) equal in chosen and rejected.
+
+    Flat ids with per-row lengths (as ``_list_column`` gives them); vectorised, no loop over rows or tokens.
+    """
+    chosen_lens, rejected_lens = np.asarray(chosen_lens), np.asarray(rejected_lens)
+    prompt_len = np.asarray(prompt_len, dtype=np.int64)
+    shared = np.maximum(np.minimum(chosen_lens, rejected_lens) - prompt_len, 0)  # response tokens both sides have
+    rows = np.repeat(np.arange(len(shared)), shared)
+    j = np.arange(int(shared.sum())) - np.repeat(np.cumsum(shared) - shared, shared)
+    chosen_at = (np.cumsum(chosen_lens) - chosen_lens + prompt_len)[rows] + j
+    rejected_at = (np.cumsum(rejected_lens) - rejected_lens + prompt_len)[rows] + j
+    differ = chosen_flat[chosen_at] != rejected_flat[rejected_at]
+    prefix = shared.astype(np.int64)
+    differ_rows, differ_j = rows[differ], j[differ]
+    first = np.flatnonzero(np.diff(differ_rows, prepend=-1))  # rows are sorted: each row's first difference
+    prefix[differ_rows[first]] = differ_j[first]
+    return prefix
+
+
 def _first_rows(bad, indices, limit=5):
     rows = np.flatnonzero(bad)[:limit]
     return ", ".join(f"row {r} (index={indices[r]})" for r in rows) + (" ..." if bad.sum() > limit else "")
@@ -102,12 +122,24 @@ class TokenScoreDataset(Dataset):
         tokenizer, max_length, strategy: as OpenRLHF's ``RewardDataset``. The tokenizer must be the one the
             scores were made with (manifest fingerprint); a row longer than ``max_length`` is an error.
         k_chosen, k_rejected: selection ratios in (0, 1].
-        selection: ``per_response`` (the paper: each response keeps its n = max(1, floor(k * N)) best tokens,
-            highest scores for chosen, lowest for rejected, ties to the earlier position) or ``global`` (one
-            score threshold per side from the whole data set: the ``max(1, floor(k * total))`` most extreme
-            scores over all responses of that side, ties to the earlier row and position, are selected, so a
-            response with many high-reward tokens gives more than a weak one; a response that would get none
-            keeps its single most extreme token, so no selection is empty).
+        selection: which eligible tokens (below) each response keeps; E is a response's number of eligible tokens.
+            ``per_response`` (the paper): each response keeps its n = max(1, floor(k * E)) eligible tokens with
+            the highest scores (chosen) or the lowest (rejected), ties to the earlier position.
+            ``global``: one score threshold per side from the whole data set: the max(1, floor(k * sum E)) most
+            extreme eligible scores over all responses of that side, ties to the earlier row and position, are
+            selected, so a response with many high-reward tokens gives more than a weak one; a response that
+            would get none keeps its single most extreme eligible token, so no selection is empty.
+            ``random`` (control: does the oracle's choice matter?): per response exactly per_response's count
+            n = max(1, floor(k * E)), at eligible positions drawn uniformly at random, ignoring the scores; a
+            ``torch.Generator`` seeded with ``seed`` draws them, chosen side first, so the masks are a function
+            of (ids, k, seed, exclusion) alone and differ between sides and rows.
+        exclude_common_prefix: the pair's common prefix, its first P response tokens equal in chosen and rejected
+            (same context, same token, so the same score and no preference signal), is ineligible on both sides:
+            response position j is eligible iff j >= min(P, N - 1) for a response of N tokens (the cap keeps the
+            last token eligible, so E >= 1 even when one response is a prefix of the other). False: every
+            response token is eligible, as in published SePO, which then pushes a shared token up on one side
+            with nothing opposing it on the other.
+        seed: seed of the ``random`` selection (train_sepo passes ``--train.seed``); unused by the other modes.
         max_samples: at most this many rows per scores dir and in total (as OpenRLHF's ``--data.max_samples``).
 
     Item: ``(chosen_ids [1, Lc], chosen_attention, rejected_ids [1, Lr], rejected_attention, prompt_len,
@@ -127,6 +159,8 @@ class TokenScoreDataset(Dataset):
         k_rejected: float = 0.3,
         selection: str = "per_response",
         max_samples: int = 100000000,
+        exclude_common_prefix: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         import datasets as hf_datasets
@@ -140,10 +174,11 @@ class TokenScoreDataset(Dataset):
         self.max_length = max_length
         self.strategy = strategy
         self.k_chosen, self.k_rejected, self.selection = k_chosen, k_rejected, selection
+        self.exclude_common_prefix, self.seed = exclude_common_prefix, seed
         log = strategy.print if strategy is not None else print
 
         expected = tokenizer_fingerprint(tokenizer)
-        parts, prompt_lens, scores = [], [], {"chosen": ([], []), "rejected": ([], [])}
+        parts, prompt_lens, prefixes, scores = [], [], [], {"chosen": ([], []), "rejected": ([], [])}
         for score_dir in [d.strip() for d in dataset.split(",") if d.strip()]:
             manifest = read_manifest(score_dir)
             if manifest["tokenizer"]["fingerprint"] != expected:
@@ -163,6 +198,8 @@ class TokenScoreDataset(Dataset):
             part = part.select(range(min(max_samples, len(part))))
             table = part.with_format("arrow")[:]
             self._check_rows(score_dir, manifest, table, prompt_lens, scores)
+            prefixes.append(common_prefix_lengths(*_list_column(table, "chosen_input_ids"),
+                                                  *_list_column(table, "rejected_input_ids"), prompt_lens[-1]))
             parts.append(part)
             log(f"TokenScoreDataset: {len(part)} pairs from {score_dir}")
         if not parts:
@@ -171,16 +208,33 @@ class TokenScoreDataset(Dataset):
         total = min(max_samples, sum(len(p) for p in parts))
         self.data = hf_datasets.concatenate_datasets(parts).select(range(total))
         self.prompt_lens = np.concatenate(prompt_lens)[:total]
+        self.common_prefix = np.concatenate(prefixes)[:total]  # P per pair, whether excluded or not
         # Flat per-token selection for each side, with row offsets: one byte per scored token.
         self.selected, self.offsets = {}, {}
+        generator = torch.Generator().manual_seed(seed)
+        excluded_total = 0
         for side, k, largest in (("chosen", k_chosen, True), ("rejected", k_rejected, False)):
             values = np.concatenate(scores[side][0])
             lengths = np.concatenate(scores[side][1])[:total]
-            values = values[: lengths.sum()]
+            values = torch.from_numpy(values[: lengths.sum()])
+            # first eligible response position per row: min(P, N - 1), or 0 when nothing is excluded
+            excluded = np.minimum(self.common_prefix, lengths - 1) if exclude_common_prefix else np.zeros_like(lengths)
+            excluded_total += int(excluded.sum())
+            if selection == "random":  # uniform keys, drawn whatever the scores, then per_response's rule
+                values = torch.rand(len(values), generator=generator, dtype=torch.float64)
             self.offsets[side] = np.concatenate([[0], np.cumsum(lengths)])
-            self.selected[side] = self._select(torch.from_numpy(values), torch.from_numpy(lengths), k, largest, log)
+            self.selected[side] = self._select(
+                values, torch.from_numpy(lengths), torch.from_numpy(excluded), k, largest, log
+            )
         kept = sum(int(m.sum()) for m in self.selected.values())
         scored = sum(len(m) for m in self.selected.values())
+        pairs_with_prefix = int((self.common_prefix > 0).sum())
+        if exclude_common_prefix:
+            log(f"TokenScoreDataset: excluded {excluded_total} response tokens (both sides) as the common prefix of "
+                f"chosen and rejected in {pairs_with_prefix}/{total} pairs")
+        else:
+            log(f"TokenScoreDataset: {pairs_with_prefix}/{total} pairs have a common response prefix "
+                f"({2 * int(self.common_prefix.sum())} tokens, both sides), kept selectable")
         log(f"TokenScoreDataset: {total} pairs, {selection} selection keeps {kept}/{scored} response tokens")
 
     def _check_rows(self, score_dir, manifest, table, prompt_lens, scores):
@@ -212,31 +266,40 @@ class TokenScoreDataset(Dataset):
                 raise ScoreDataError(f"{score_dir!r}: {int(bad.sum())} row(s) {what}: {_first_rows(bad, indices)}")
         prompt_lens.append(prompt_len)
 
-    def _select(self, values, lengths, k, largest, log):
-        """Flat bool selection over all responses of one side (see the class docstring for the two modes)."""
+    def _select(self, values, lengths, excluded, k, largest, log):
+        """Flat bool selection over all responses of one side (see the class docstring for the modes).
+
+        ``values``: flat scores (random keys for ``random``); ``lengths``: N per row; ``excluded``: per row, the
+        number of leading response tokens that are ineligible (0 <= excluded < N).
+        """
         rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
         starts = torch.cumsum(lengths, 0) - lengths
         positions = torch.arange(len(values)) - starts[rows]
-        if self.selection == "per_response":
+        if self.selection in ("per_response", "random"):
             selected = torch.zeros(len(values), dtype=torch.bool)
             for first in range(0, len(lengths), _ROWS_PER_CHUNK):
                 last = min(first + _ROWS_PER_CHUNK, len(lengths))
                 lo, hi = int(starts[first]), int(starts[last - 1] + lengths[last - 1])
-                padded = torch.zeros(last - first, int(lengths[first:last].max()), dtype=values.dtype)
+                width = int(lengths[first:last].max())
+                padded = torch.zeros(last - first, width, dtype=values.dtype)
                 padded[rows[lo:hi] - first, positions[lo:hi]] = values[lo:hi]
-                mask = select_key_tokens(padded, k, largest, lengths[first:last])
+                eligible = torch.arange(width).unsqueeze(0) >= excluded[first:last].unsqueeze(1)
+                mask = select_key_tokens(padded, k, largest, lengths[first:last], eligible)
                 selected[lo:hi] = mask[rows[lo:hi] - first, positions[lo:hi]]
             return selected.numpy()
-        # global: rank every token of this side by score (stable: ties keep row, position order).
-        order = torch.sort(-values if largest else values, stable=True).indices
-        n = num_selected(len(values), k)
+        # global: rank every eligible token of this side by score (stable: ties keep row, position order); the
+        # scores are finite (checked), so the ineligible tokens' infinite keys sort after all of them.
+        eligible = positions >= excluded[rows]
+        key = (-values if largest else values).masked_fill(~eligible, float("inf"))
+        order = torch.sort(key, stable=True).indices
+        n = num_selected(int(eligible.sum()), k)
         selected = torch.zeros(len(values), dtype=torch.bool)
         selected[order[:n]] = True
         log(f"TokenScoreDataset: global {'chosen' if largest else 'rejected'} threshold {values[order[n - 1]]:.4g}")
         per_row = torch.zeros(len(lengths), dtype=torch.long).index_add_(0, rows, selected.long())
-        for row in (per_row == 0).nonzero().flatten().tolist():  # never empty: keep the row's own extreme
-            lo = int(starts[row])
-            row_values = values[lo : lo + int(lengths[row])]
+        for row in (per_row == 0).nonzero().flatten().tolist():  # never empty: keep the row's own eligible extreme
+            lo = int(starts[row]) + int(excluded[row])
+            row_values = values[lo : int(starts[row]) + int(lengths[row])]
             best = torch.argmax(row_values) if largest else torch.argmin(row_values)  # first extreme on ties
             selected[lo + int(best)] = True
         return selected.numpy()

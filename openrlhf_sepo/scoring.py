@@ -7,6 +7,9 @@ Token reward of response token y_t (DPO's implicit reward, beta dropped since it
 Selection, per response of N scored tokens and ratio k in (0, 1]:
 
     n = max(1, floor(k * N));  chosen keeps the n highest r, rejected the n lowest; ties -> earlier position.
+
+With an eligibility mask (``TokenScoreDataset`` makes a pair's common response prefix ineligible), N counts the
+eligible tokens and only they can be selected.
 """
 
 import hashlib
@@ -29,7 +32,9 @@ def num_selected(length, k: float):
     return 0 if length <= 0 else max(1, math.floor(length * k + 1e-9))
 
 
-def select_key_tokens(scores: torch.Tensor, k: float, largest: bool, lengths: torch.Tensor = None) -> torch.Tensor:
+def select_key_tokens(
+    scores: torch.Tensor, k: float, largest: bool, lengths: torch.Tensor = None, eligible: torch.Tensor = None
+) -> torch.Tensor:
     """Vectorised key-token selection over a right-padded batch of token scores.
 
     Args:
@@ -38,11 +43,14 @@ def select_key_tokens(scores: torch.Tensor, k: float, largest: bool, lengths: to
         k: selection ratio in (0, 1].
         largest: True for a chosen response (keep the highest scores), False for a rejected one (the lowest).
         lengths: [B] number of real tokens per row; default: all N.
+        eligible: optional bool mask of ``scores``' shape; when given, only real tokens where it is True can be
+            selected, and the count is computed from them: ``max(1, floor(k * E_i))`` with E_i the number of
+            eligible real tokens of row i (0 when E_i = 0). Default: every real token is eligible.
 
     Returns:
         bool mask of the same shape as ``scores``: exactly ``max(1, floor(k * lengths[i]))`` True entries in
         row i (0 for an empty row), on the most extreme scores, ties broken by position (earlier wins).
-        Deterministic; never empty for a non-empty row.
+        Deterministic; never empty for a non-empty row (with ``eligible``: for a row with an eligible token).
     """
     squeeze = scores.dim() == 1
     if squeeze:
@@ -55,13 +63,20 @@ def select_key_tokens(scores: torch.Tensor, k: float, largest: bool, lengths: to
     valid = positions.unsqueeze(0) < lengths.unsqueeze(1)
     if torch.isnan(scores[valid]).any():
         raise ValueError("token scores contain NaN; cannot select key tokens")
+    counts = lengths
+    if eligible is not None:
+        eligible = eligible.to(scores.device).reshape(batch, width)
+        valid = valid & eligible
+        counts = valid.sum(1)
 
     key = scores.double() if largest is False else -scores.double()
-    key = key.masked_fill(~valid, math.inf)  # padding sorts after every real token
+    key = key.masked_fill(~valid, math.inf)  # padding (and ineligible tokens) sort after every real token
     order = torch.sort(key, dim=1, stable=True).indices  # stable: equal scores keep position order
+    if eligible is not None:  # an ineligible position must also sort after an eligible +inf key
+        order = order.gather(1, torch.sort((~valid).gather(1, order).int(), dim=1, stable=True).indices)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, positions.expand(batch, width).contiguous())
-    mask = rank < num_selected(lengths, k).unsqueeze(1)
+    mask = rank < num_selected(counts, k).unsqueeze(1)
     return mask.squeeze(0) if squeeze else mask
 
 

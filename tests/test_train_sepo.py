@@ -97,7 +97,8 @@ def test_two_rank_launcher_run_raises_selected_margin(tiny_dir, tiny_pairs, trai
     assert margin[-1] > margin[0] + 0.2
     for (_, c), (_, r), (_, m) in zip(logs["train/chosen_logps"], logs["train/rejected_logps"], logs["train/margin"]):
         assert m == pytest.approx(c - r, abs=1e-4)
-    assert all(0.2 < v < 0.35 for _, v in logs["train/selected_frac"])  # k = 0.3 per response, floor'd
+    # k = 0.3 of each response's eligible tokens, floor'd: the common prefix (excluded by default) lowers the share
+    assert all(0.15 < v < 0.35 for _, v in logs["train/selected_frac"])
 
 
 @pytest.mark.slow
@@ -112,9 +113,10 @@ def test_resume_continues_at_the_right_step_with_eval_and_nll(tiny_dir, trained,
         "--ds.attn_implementation", "sdpa", "--ds.zero_stage", "3", "--model.gradient_checkpointing_enable",
         "--ckpt.path", trained.ckpt, "--ckpt.load_enable", "--ckpt.output_dir", str(tmp_path / "out"),
         "--logger.tensorboard_dir", tb, "--eval.dataset", trained.scores, "--eval.steps", "1",
-        "--model.nll_loss_coef", "0.1",
+        "--model.nll_loss_coef", "0.1", "--sepo.selection", "random",
     ], nproc=2)
     assert "consumed_samples: 32" in proc.stdout
+    assert "random selection keeps" in proc.stdout
     logs = tb_scalars(tb)
     assert [step for step, _ in logs["train/loss"]] == [5, 6]
     # OpenRLHF's evaluate() and NLL term run unchanged on SePO batches
@@ -160,8 +162,32 @@ def test_parser_keeps_train_dpo_names_and_defaults():
     for dest, value in {"train.micro_batch_size": 8, "train.batch_size": 128, "adam.lr": 1e-5, "ds.zero_stage": 2,
                         "data.max_len": 512, "train.max_epochs": 1, "model.nll_loss_coef": 0, "local_rank": -1,
                         "sepo.k_chosen": 0.3, "sepo.k_rejected": 0.3, "sepo.selection": "per_response",
-                        "sepo.beta": 1.0, "sepo.gamma": 0.0}.items():
+                        "sepo.beta": 1.0, "sepo.gamma": 0.0, "sepo.keep_common_prefix": False}.items():
         assert defaults[dest] == value, dest
+
+
+@pytest.mark.parametrize("flags,selection,exclude,seed", [
+    ([], "per_response", True, 42),
+    (["--sepo.selection", "random", "--train.seed", "7"], "random", True, 7),
+    (["--sepo.selection", "global", "--sepo.keep_common_prefix"], "global", False, 42),
+    (["--sepo.selection", "random", "--sepo.keep_common_prefix"], "random", False, 42),
+])
+def test_selection_flags_reach_the_dataset(tiny_dir, tiny_pairs, write_scores, tmp_path, flags, selection, exclude,
+                                          seed):
+    """--sepo.selection, --sepo.keep_common_prefix and --train.seed (the random selection's seed) are what
+    train() hands TokenScoreDataset, and the masks are the ones that dataset makes by itself."""
+    from openrlhf_sepo.cli import train_sepo
+    from openrlhf_sepo.datasets import TokenScoreDataset
+
+    tokenizer, _ = tiny_pairs
+    scores = write_scores(str(tmp_path / "scores"))
+    args = train_sepo.parse_args(["--model.model_name_or_path", os.path.join(tiny_dir, "base"),
+                                  "--data.dataset", scores, *TINY, *flags])
+    ds = train_sepo._score_dataset(args.data.dataset, tokenizer, None, args, args.data.max_samples)
+    assert (ds.selection, ds.exclude_common_prefix, ds.seed) == (selection, exclude, seed)
+    direct = TokenScoreDataset(scores, tokenizer, 128, selection=selection, exclude_common_prefix=exclude, seed=seed)
+    for side in ("chosen", "rejected"):
+        assert (ds.selected[side] == direct.selected[side]).all()
 
 
 def test_selected_positions_forward_equals_openrlhf_full_forward(tiny_dir, tiny_pairs):

@@ -74,7 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     # SePO
     add("--sepo.k_chosen", type=selection_ratio, default=0.3, help="share of chosen tokens selected, (0, 1]")
     add("--sepo.k_rejected", type=selection_ratio, default=0.3, help="share of rejected tokens selected, (0, 1]")
-    add("--sepo.selection", type=str, default="per_response", choices=list(SELECTION_MODES))
+    add("--sepo.selection", type=str, default="per_response", choices=list(SELECTION_MODES),
+        help="per_response: each response's top-k share (the paper); global: one score threshold per side over "
+             "the data set; random: per_response's counts at random positions (--train.seed), a control for "
+             "whether the oracle's choice matters")
+    add("--sepo.keep_common_prefix", action="store_true", default=False,
+        help="let the selection pick the response tokens that chosen and rejected share at their start (published "
+             "SePO); default: excluded, since identical tokens in identical context carry no preference signal")
     add("--sepo.beta", type=float, default=1.0, help="scale of the selected-token log-prob margin, > 0")
     add("--sepo.gamma", type=float, default=0.0, help="target margin")
     add("--sepo.full_logits", action="store_true", default=False,
@@ -153,7 +159,7 @@ def _score_dataset(spec, tokenizer, strategy, args, max_samples):
     return TokenScoreDataset(
         spec, tokenizer, args.data.max_len, strategy,
         k_chosen=args.sepo.k_chosen, k_rejected=args.sepo.k_rejected, selection=args.sepo.selection,
-        max_samples=max_samples,
+        max_samples=max_samples, exclude_common_prefix=not args.sepo.keep_common_prefix, seed=args.train.seed,
     )
 
 
