@@ -1,5 +1,6 @@
 """Evaluation: pairwise accuracy against a hand computation, generations scored by the ground truth and by a
-real OpenRLHF reward model, win-rate arithmetic, the CLI directly and through the CPU runtime, bad input.
+real OpenRLHF reward model, win-rate arithmetic, format validity, the sampled KL to the baseline against a hand
+computation, the CLI directly and through the CPU runtime, bad input.
 
 Models whose behaviour is known by construction ("residual-only" Llamas): every layer writes zeros to the
 residual stream, so the last hidden state is the one-hot embedding of the current token and the logits are
@@ -142,7 +143,10 @@ def test_pairwise_accuracy_follows_the_preferred_words(tiny_dir, tmp_path):
         assert (got["mean_margin"] > 1.0) == (expected == 1.0)
 
 
-def test_generations_ground_truth_rewards_and_win_rates(tiny_dir, chain_models):
+def test_generations_ground_truth_rewards_and_win_rates(tiny_dir, chain_models, monkeypatch):
+    # A stand-in template check that tells the chains apart, to see format_validity follow each model's own
+    # responses (the real parser rejects every chain: none writes "The <topic> is ...").
+    monkeypatch.setattr(tiny, "is_well_formed", lambda text: "helpful" in text)
     gen = ev.GenFlags(n_prompts=5, max_new_tokens=12, greedy=True, n_samples=5)
     report = ev.evaluate_models(
         chain_models, baseline="bad", data=ev.DataFlags(dataset=os.path.join(tiny_dir, "pairs.jsonl"),
@@ -158,7 +162,17 @@ def test_generations_ground_truth_rewards_and_win_rates(tiny_dir, chain_models):
         assert m["reward_mean"] == pytest.approx(expected_reward[name])
         assert m["win_rate_vs_bad"] == expected_win[name]
         assert set(m) >= {"pairwise_accuracy", "mean_margin", "n_pairs", "n_prompts", "reward_source"}
+        assert m["format_validity"] == (1.0 if name == "good" else 0.0)
+        assert [s["well_formed"] for s in m["samples"]] == [name == "good"] * 5
+        assert math.isfinite(m["kl_to_bad"])
     assert models["good"]["samples"][0]["response"].split() == ["accurate", "helpful", "clear", "kind"]
+    # Greedy: the same 5 responses under both models. "bad" gives its own chain ~1 and the "good" chain
+    # ~e^-18 per token, so the log-ratio of each model's own chain is large and positive; of "bad" exactly 0.
+    assert models["bad"]["kl_to_bad"] == 0.0 and models["good"]["kl_to_bad"] > 10
+    assert report["kl_unbiased"] is False
+    table = ev.format_table(report)
+    assert "format_validity" in table.splitlines()[0] and "kl_to_bad" in table.splitlines()[0]
+    assert "not an unbiased KL estimate" in table.splitlines()[-1]
     # Win-rate arithmetic on rewards that are not all equal or all ordered.
     assert ev.win_rate([1.0, 0.0, -1.0, 0.5], [0.0, 0.0, 0.0, 1.0]) == (1 + 0.5 + 0 + 0) / 4
 
@@ -177,6 +191,143 @@ def test_sampled_generation_from_a_prompt_file(tiny_dir, chain_models, tmp_path)
     assert report["n_prompts"] == 4 and report["n_pairs"] == 0
     assert report["models"]["mixed"]["samples"][0]["prompt"] == held_out[0]
     assert "pairwise_accuracy" not in report["models"]["mixed"]
+
+
+def test_format_validity_is_the_share_of_well_formed_responses():
+    rows = tiny.make_pairs(3, seed=5)
+    responses = [
+        rows[0]["chosen"],  # the template: well formed
+        "  " + rows[1]["rejected"] + "\n",  # surrounding whitespace is ignored
+        rows[2]["chosen"].replace("My note is", "My note:"),  # broken template
+        "accurate helpful clear kind",  # key words alone
+        "",
+    ]
+    assert [tiny.is_well_formed(r) for r in responses] == [True, True, False, False, False]
+    assert ev.format_validity(responses) == 2 / 5
+    assert ev.format_validity(responses[:2]) == 1.0 and ev.format_validity(responses[2:]) == 0.0
+
+
+def _hand_response_logp(model, prompt_ids, response_ids):
+    """sum_t log p(response_t | prompt, response_<t) on one unpadded sequence in float64 (no evaluate code)."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    token_logp = logp.gather(-1, ids[0, 1:, None])[:, 0]
+    return token_logp[len(prompt_ids) - 1 :].sum().item()
+
+
+@pytest.fixture(scope="module")
+def perturbed_model(tiny_dir, tmp_path_factory):
+    """The tiny base model with noise added to its lm_head: a policy at a clear, finite KL from the base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(tmp_path_factory.mktemp("perturbed"))
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "base"))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape, generator=generator))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "base")).save_pretrained(path)
+    return path
+
+
+def test_response_logprob_sums_match_hand_computation(tiny_dir, perturbed_model):
+    base, tokenizer = ev.load_policy(os.path.join(tiny_dir, "base"))
+    policy, _ = ev.load_policy(perturbed_model)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = tokenizer.eos_token_id
+    # Prompts of 1, 3 and 13 tokens; responses of different lengths, two closed by EOS: with batch_size 2 the
+    # rows are right-padded to different widths and the last batch holds one row.
+    prompt_ids = [encode("Write"), encode("Write a note."),
+                  encode("Write a short note about the old stone bridge near the quiet village.")]
+    response_ids = [encode("The lake is calm.") + [eos], encode("accurate wrong"), encode("My note is kind and clear") + [eos]]
+    assert len({len(p) for p in prompt_ids}) == 3 and len({len(r) for r in response_ids}) == 3
+    for model in (base, policy):
+        got = ev.response_logprob_sums(model, prompt_ids, response_ids, batch_size=2)
+        expected = [_hand_response_logp(model, p, r) for p, r in zip(prompt_ids, response_ids)]
+        assert got == pytest.approx(expected, abs=1e-4)
+    # The per-sample log-ratio that kl_to_<baseline> averages.
+    ratio = [a - b for a, b in zip(ev.response_logprob_sums(policy, prompt_ids, response_ids, 3),
+                                   ev.response_logprob_sums(base, prompt_ids, response_ids, 1))]
+    hand = [_hand_response_logp(policy, p, r) - _hand_response_logp(base, p, r)
+            for p, r in zip(prompt_ids, response_ids)]
+    assert ratio == pytest.approx(hand, abs=1e-4) and max(abs(h) for h in hand) > 0.5
+    with pytest.raises(ValueError, match="at least one token"):
+        ev.response_logprob_sums(base, [[]], [[eos]])
+
+
+def test_generate_ids_drop_left_padding_and_stop_at_the_first_eos(tiny_dir, chain_models):
+    model, tokenizer = ev.load_policy(chain_models["good"])
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    chain, eos = encode("accurate helpful clear kind"), tokenizer.eos_token_id
+    assert tokenizer.pad_token_id != eos
+    # Plain prompts of different lengths in one batch; the second ends inside the chain, so it finishes two
+    # tokens early and generate pads its row after EOS.
+    prompts = ["Write a note.", "My note is accurate helpful", "Write a short note about the quiet village."]
+    plain = ev.DataFlags()
+    gen = ev.GenFlags(greedy=True, max_new_tokens=8)
+    texts, prompt_ids, response_ids = ev.generate(model, tokenizer, prompts, plain, gen, batch_size=3, return_ids=True)
+    assert texts == ev.generate(model, tokenizer, prompts, plain, gen, batch_size=3)
+    assert prompt_ids == [encode(p) for p in prompts]
+    assert response_ids == [chain + [eos], chain[2:] + [eos], chain + [eos]]
+    # No EOS within max_new_tokens: every generated token is the response.
+    short = ev.GenFlags(greedy=True, max_new_tokens=3)
+    assert ev.generate(model, tokenizer, prompts, plain, short, batch_size=3, return_ids=True)[2] == [
+        chain[:3], chain[2:] + [eos], chain[:3]
+    ]
+
+
+def test_kl_to_baseline_matches_a_hand_estimate(tiny_dir, perturbed_model, monkeypatch):
+    base = os.path.join(tiny_dir, "base")
+    loads = []
+    load_policy = ev.load_policy
+    monkeypatch.setattr(ev, "load_policy", lambda path, *a, **k: loads.append(path) or load_policy(path, *a, **k))
+    data = ev.DataFlags(dataset=os.path.join(tiny_dir, "pairs.jsonl"), apply_chat_template=True, max_len=128,
+                        max_samples=8)
+    gen = ev.GenFlags(n_prompts=5, max_new_tokens=10, n_samples=5)  # sampling at temperature 1, top_p 1
+    # The baseline in the middle: "perturbed" is scored while it is loaded, "copy" after one reload.
+    models = {"perturbed": perturbed_model, "base": base, "copy": base}
+    report = ev.evaluate_models(models, baseline="base", data=data, gen=gen, reward="ground_truth", batch_size=2)
+    assert loads == [perturbed_model, base, base, base]
+    assert report["kl_unbiased"] is True
+    m = report["models"]
+    # KL of the baseline to itself, and of an identical model sampled with the same seed, is exactly 0.
+    assert m["base"]["kl_to_base"] == 0.0 and m["copy"]["kl_to_base"] == 0.0
+
+    # By hand: the perturbed policy's samples (same seed and batches), scored by both models one at a time.
+    policy, tokenizer = load_policy(perturbed_model)
+    reference, _ = load_policy(base)
+    prompts = ev.preference_prompts(ev.load_rows(data.dataset, max_samples=8), data)[:5]
+    texts, prompt_ids, response_ids = ev.generate(policy, tokenizer, prompts, data, gen, batch_size=2, return_ids=True)
+    assert texts == [s["response"] for s in m["perturbed"]["samples"]]
+    hand = sum(_hand_response_logp(policy, p, r) - _hand_response_logp(reference, p, r)
+               for p, r in zip(prompt_ids, response_ids)) / 5
+    assert m["perturbed"]["kl_to_base"] == pytest.approx(hand, abs=1e-4) and hand > 0.1
+
+    # Format validity: the share over every response, which here (n_samples = n_prompts) are all in the report;
+    # an untrained model's samples never follow the template.
+    for name, metrics in m.items():
+        assert [s["well_formed"] for s in metrics["samples"]] == [
+            tiny.is_well_formed(s["response"]) for s in metrics["samples"]
+        ]
+        assert metrics["format_validity"] == sum(s["well_formed"] for s in metrics["samples"]) / 5
+    assert m["base"]["format_validity"] == 0.0
+
+
+def test_kl_needs_the_baselines_vocabulary(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    other = str(tmp_path / "other")
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "base"))
+    tokenizer.add_tokens(["zzzq"])  # one more token: the ids no longer mean the same to both
+    tokenizer.save_pretrained(other)
+    AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "base")).save_pretrained(other)
+    gen = ev.GenFlags(prompts=os.path.join(tiny_dir, "pairs_plain.jsonl"), n_prompts=2, max_new_tokens=4)
+    report = ev.evaluate_models({"base": os.path.join(tiny_dir, "base"), "other": other}, data=ev.DataFlags(),
+                                gen=gen, reward="ground_truth")
+    assert report["models"]["base"]["kl_to_base"] == 0.0 and report["models"]["other"]["kl_to_base"] is None
+    assert math.isfinite(report["models"]["other"]["format_validity"])
+    assert ev.format_table(report).splitlines()[2].split()[-1] == "n/a"
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +392,7 @@ def test_cli_runs_directly_with_plain_data(tiny_dir, chain_models, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:]
     m = json.loads(output.read_text())["models"]["good"]
     assert m["reward_mean"] == 1.0 and m["win_rate_vs_good"] == 0.5 and m["n_pairs"] == 48
+    assert m["format_validity"] == 0.0 and m["kl_to_good"] == 0.0
     assert m["samples"][0]["prompt"].startswith("Write a short note")
 
 

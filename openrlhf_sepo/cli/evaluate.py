@@ -14,11 +14,17 @@ Metrics per model (README.md, section Evaluation, lists every flag and output ke
   ``openrlhf_sepo.tiny.ground_truth_reward`` or by an OpenRLHF reward model on prompt + response tokenized by
   ``RewardDataset(is_dpo=False)`` (as ``openrlhf.cli.train_rm`` saw its pairs).
 - ``win_rate_vs_<baseline>`` = mean over prompts of 1[r_model > r_base] + 0.5 * 1[r_model == r_base].
+- ``format_validity`` (ground-truth reward only) = share of the model's generations that follow the embedded
+  task's answer template, ``openrlhf_sepo.tiny.is_well_formed``.
+- ``kl_to_<baseline>`` = mean over prompts of sum over the generated response tokens of
+  log pi(y_t | x, y_<t) - log pi_base(y_t | x, y_<t): the Monte-Carlo estimate of KL(pi || pi_base) from the
+  model's own samples, unbiased only when they are drawn from pi itself (temperature 1, top_p 1, not greedy).
 """
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from typing import Optional
@@ -190,21 +196,29 @@ def render_prompt(tokenizer, prompt, data: DataFlags) -> str:
     return data.input_template.format(prompt) if data.input_template else prompt
 
 
-def generate(model, tokenizer, prompts, data: DataFlags = None, gen: GenFlags = None, batch_size: int = 8):
+def generate(
+    model, tokenizer, prompts, data: DataFlags = None, gen: GenFlags = None, batch_size: int = 8,
+    return_ids: bool = False,
+):
     """One response (decoded text, special tokens dropped) per prompt, batched with left padding.
 
-    Greedy with ``gen.greedy``, else sampling at ``gen.temperature`` / ``gen.top_p`` from seed ``gen.seed``
-    (the same seed for every model). Stops at the tokenizer's EOS or after ``gen.max_new_tokens``.
+    Greedy with ``gen.greedy``, else sampling at ``gen.temperature`` / ``gen.top_p`` (no top-k) from seed
+    ``gen.seed`` (the same seed for every model); other settings in a checkpoint's generation_config.json
+    (e.g. a repetition_penalty) still apply. Stops at the tokenizer's EOS or after ``gen.max_new_tokens``.
     Sets ``tokenizer.padding_side = "left"``: a decoder-only model continues the last real token.
+    Returns the texts, or with ``return_ids`` ``(texts, prompt_ids, response_ids)``: per prompt, the ids the
+    model was given (left padding removed) and the generated ids up to and including the first EOS (all
+    ``max_new_tokens`` of them when there is none), as lists of ints.
     """
     import torch
 
     data, gen = data or DataFlags(), gen or GenFlags()
     tokenizer.padding_side = "left"
     device = _device_of(model)
-    sampling = {} if gen.greedy else {"temperature": gen.temperature, "top_p": gen.top_p}
+    # top_k=0: transformers' default top_k=50 would otherwise truncate the distribution the flags describe.
+    sampling = {} if gen.greedy else {"temperature": gen.temperature, "top_p": gen.top_p, "top_k": 0}
     torch.manual_seed(gen.seed)
-    responses = []
+    responses, prompt_ids, response_ids = [], [], []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             texts = [render_prompt(tokenizer, p, data) for p in prompts[start : start + batch_size]]
@@ -216,7 +230,55 @@ def generate(model, tokenizer, prompts, data: DataFlags = None, gen: GenFlags = 
             )
             new_tokens = out[:, batch["input_ids"].shape[1] :]
             responses += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return responses
+            if return_ids:
+                for ids, mask, new in zip(batch["input_ids"], batch["attention_mask"], new_tokens.tolist()):
+                    prompt_ids.append(ids[mask.bool()].tolist())
+                    # A finished row is filled with pad after its EOS (pad may equal EOS): cut at the first EOS.
+                    end = new.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in new else len(new)
+                    response_ids.append(new[:end])
+    return (responses, prompt_ids, response_ids) if return_ids else responses
+
+
+def response_logprob_sums(model, prompt_ids, response_ids, batch_size: int = 8) -> list:
+    """S(y | x) = sum_t log pi(y_t | x, y_<t) over every response token, one float per (prompt, response).
+
+    prompt_ids / response_ids: lists of token-id lists, unpadded (as ``generate(..., return_ids=True)`` gives
+    them). Each prompt + response is one row of a right-padded batch; log-probs come from the logits in fp32.
+    KL(pi || pi_base) ~= mean_i S_pi(y_i | x_i) - S_base(y_i | x_i) for y_i sampled from pi
+    (``evaluate_models``' ``kl_to_<baseline>``).
+    """
+    import torch
+    from openrlhf.models.utils import log_probs_from_logits
+
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"one response per prompt: {len(prompt_ids)} prompts, {len(response_ids)} responses")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token: the first response token is conditioned on it")
+    device = _device_of(model)
+    sums = []
+    with torch.no_grad():
+        for start in range(0, len(prompt_ids), batch_size):
+            prompts, responses = prompt_ids[start : start + batch_size], response_ids[start : start + batch_size]
+            rows = [p + r for p, r in zip(prompts, responses)]
+            width = max(len(row) for row in rows)
+            # Right padding: real tokens keep positions 0..L-1, as under generate's left padding + position ids.
+            ids = torch.zeros(len(rows), width, dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            for i, row in enumerate(rows):
+                ids[i, : len(row)] = torch.tensor(row)
+                mask[i, : len(row)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(ids, attention_mask=mask).logits.float()
+            logps = log_probs_from_logits(logits[:, :-1], ids[:, 1:])  # [B, T-1]: position t is log p(ids[t+1])
+            # Response targets: ids[t+1] for prompt_len <= t+1 < prompt_len + response_len.
+            positions = torch.arange(1, width, device=device)
+            p_len = torch.tensor([len(p) for p in prompts], device=device)
+            targets = (positions >= p_len[:, None]) & mask[:, 1:].bool()
+            sums += (logps * targets).sum(-1).tolist()
+    if any(math.isnan(s) for s in sums):
+        # NaN logits (fp16 overflow, a broken checkpoint) would otherwise pass into the KL unnoticed.
+        raise FloatingPointError("NaN response log-probs: the model's logits hold NaN (try --ds.param_dtype fp32)")
+    return sums
 
 
 def ground_truth_rewards(responses) -> list:
@@ -224,6 +286,14 @@ def ground_truth_rewards(responses) -> list:
     from openrlhf_sepo.tiny import ground_truth_reward
 
     return [ground_truth_reward(r) for r in responses]
+
+
+def format_validity(responses) -> float:
+    """mean_i 1[``openrlhf_sepo.tiny.is_well_formed``(response_i)]: the share of responses that follow the
+    embedded task's answer template (NaN only for no responses)."""
+    from openrlhf_sepo.tiny import is_well_formed
+
+    return sum(is_well_formed(r) for r in responses) / len(responses) if responses else float("nan")
 
 
 def reward_model_rewards(reward_model, tokenizer, prompts, responses, data: DataFlags = None, batch_size=8):
@@ -287,7 +357,8 @@ def preference_prompts(rows, data: DataFlags) -> list:
 
 def _check_checkpoint(path: str, flag: str, data: DataFlags, policy: bool):
     """Fail before any compute when a checkpoint cannot be read, is a reward model where a policy is needed
-    (transformers would silently give it a random LM head), or lacks a chat template it needs."""
+    (transformers would silently give it a random LM head), or lacks a chat template it needs. Returns the
+    checkpoint's tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -305,6 +376,7 @@ def _check_checkpoint(path: str, flag: str, data: DataFlags, policy: bool):
             f"{flag}: the tokenizer at {path!r} has no chat template, but --data.apply_chat_template is set; "
             "give --data.tokenizer_chat_template or drop --data.apply_chat_template"
         )
+    return tokenizer
 
 
 def _check_rows(rows, keys: dict, where: str):
@@ -331,10 +403,22 @@ def evaluate_models(
 
     Pairwise metrics run when ``data.dataset`` is set; generation runs when ``gen.n_prompts > 0`` on
     ``gen.prompts`` (else the preference data's prompts) and needs ``reward="ground_truth"`` or
-    ``reward_model_path``. ``baseline`` (default: the first model) is the reference of the win rates.
-    All inputs are checked before any model is loaded; a bad one raises ``EvaluationInputError`` (a
-    ``ValueError``) naming its flag or row.
-    Returns ``{"baseline", "reward_source", "n_pairs", "n_prompts", "models": {name: metrics}}``.
+    ``reward_model_path``. ``baseline`` (default: the first model) is the reference of the win rates and
+    of the KL. All inputs are checked before any model is loaded; a bad one raises ``EvaluationInputError``
+    (a ``ValueError``) naming its flag or row.
+
+    With generation, each model's metrics get ``reward_mean``, ``win_rate_vs_<baseline>`` and
+    ``kl_to_<baseline>`` = mean_i [S_pi(y_i | x_i) - S_base(y_i | x_i)] over the model's own responses y_i,
+    S the ``response_logprob_sums`` (response tokens up to and including the first EOS, prompt as the
+    model was given it). For y_i ~ pi this is an unbiased Monte-Carlo estimate of KL(pi || pi_base); at
+    another temperature or top_p, or greedy, the samples come from another distribution and it is
+    E_q[log pi - log pi_base], not a KL (it can be negative): the report says which in ``kl_unbiased``.
+    The baseline scores its own responses with the sums it computed when generating (so exactly 0); it is
+    loaded a second time, after the loop, only when later models' responses remain to score. A model whose
+    tokenizer vocabulary differs from the baseline's gets ``kl_to_<baseline>: None`` (its ids mean other
+    tokens to the baseline). With ``reward="ground_truth"`` they also get ``format_validity`` (share of
+    responses that ``tiny.is_well_formed``) and each sample its ``well_formed``.
+    Returns ``{"baseline", "reward_source", "kl_unbiased", "n_pairs", "n_prompts", "models": {name: metrics}}``.
     """
     data, gen = data or DataFlags(), gen or GenFlags()
     if not models:
@@ -368,8 +452,9 @@ def evaluate_models(
         raise EvaluationInputError(
             f"--gen.temperature must be > 0 for sampling (or use --gen.greedy), got {gen.temperature}"
         )
-    for name, path in models.items():
-        _check_checkpoint(path, f"--models {name}", data, policy=True)
+    vocabs = {name: _check_checkpoint(path, f"--models {name}", data, policy=True).get_vocab()
+              for name, path in models.items()}
+    comparable = {name: vocab == vocabs[baseline] for name, vocab in vocabs.items()}  # for the KL
     if generating and reward_model_path:
         _check_checkpoint(reward_model_path, "--reward.model_name_or_path", data, policy=False)
 
@@ -395,7 +480,16 @@ def evaluate_models(
             if not isinstance(prompt, str):
                 raise EvaluationInputError(f"prompt {i} is a message list: it needs --data.apply_chat_template")
 
-    results, responses = {}, {}
+    # KL bookkeeping: each model's ids and own log-prob sums, and the baseline's sums on them (base_sums).
+    results, responses, ids, own_sums, base_sums = {}, {}, {}, {}, {}
+
+    def score_under_baseline(baseline_model):
+        for other in ids.keys() - base_sums.keys():
+            if other == baseline:
+                base_sums[other] = own_sums[other]
+            elif comparable[other]:
+                base_sums[other] = response_logprob_sums(baseline_model, *ids[other], batch_size)
+
     for name, path in models.items():
         model, tokenizer = load_policy(path, param_dtype, attn_implementation, device)
         metrics = {"path": path}
@@ -403,13 +497,24 @@ def evaluate_models(
             scores = pairwise_accuracy(model, tokenizer, pairs, data, batch_size)
             metrics.update({k: scores[k] for k in ("pairwise_accuracy", "mean_margin", "n_pairs")})
         if prompts is not None:
-            responses[name] = generate(model, tokenizer, prompts, data, gen, batch_size)
+            responses[name], *ids[name] = generate(model, tokenizer, prompts, data, gen, batch_size, return_ids=True)
+            own_sums[name] = response_logprob_sums(model, *ids[name], batch_size)
+            if name == baseline:
+                score_under_baseline(model)
         results[name] = metrics
         del model
+    if any(comparable[n] and n not in base_sums for n in ids):  # models after the baseline: load it once more
+        model, _ = load_policy(models[baseline], param_dtype, attn_implementation, device)
+        score_under_baseline(model)
+        del model
 
-    reward_source = None
+    reward_source = kl_unbiased = None
     if prompts is not None:
+        # Unbiased only for samples drawn from pi itself.
+        kl_unbiased = not gen.greedy and gen.temperature == 1.0 and gen.top_p == 1.0
         if reward == GROUND_TRUTH:
+            from openrlhf_sepo import tiny
+
             reward_source = GROUND_TRUTH
             rewards = {name: ground_truth_rewards(r) for name, r in responses.items()}
         else:
@@ -420,19 +525,29 @@ def evaluate_models(
                 for name, r in responses.items()
             }
         for name, metrics in results.items():
+            samples = [
+                {"prompt": p, "response": r, "reward": s}
+                for p, r, s in list(zip(prompts, responses[name], rewards[name]))[: gen.n_samples]
+            ]
             metrics.update(
                 reward_mean=sum(rewards[name]) / len(prompts) if prompts else float("nan"),
                 n_prompts=len(prompts),
                 reward_source=reward_source,
-                samples=[
-                    {"prompt": p, "response": r, "reward": s}
-                    for p, r, s in list(zip(prompts, responses[name], rewards[name]))[: gen.n_samples]
-                ],
+                samples=samples,
             )
             metrics[f"win_rate_vs_{baseline}"] = win_rate(rewards[name], rewards[baseline])
+            metrics[f"kl_to_{baseline}"] = (
+                sum(o - b for o, b in zip(own_sums[name], base_sums[name])) / len(prompts)
+                if name in base_sums else None
+            )
+            if reward_source == GROUND_TRUTH:  # the template is the embedded task's: meaningless on other data
+                metrics["format_validity"] = format_validity(responses[name])
+                for sample in samples:
+                    sample["well_formed"] = tiny.is_well_formed(sample["response"])
     return {
         "baseline": baseline,
         "reward_source": reward_source,
+        "kl_unbiased": kl_unbiased,
         "n_pairs": next(iter(results.values())).get("n_pairs", 0),
         "n_prompts": len(prompts) if prompts is not None else 0,
         "models": results,
@@ -440,16 +555,24 @@ def evaluate_models(
 
 
 def format_table(report: dict) -> str:
-    """A compact text table: one row per model, one column per scalar metric present."""
-    win = f"win_rate_vs_{report['baseline']}"
-    columns = [c for c in ("pairwise_accuracy", "mean_margin", "reward_mean", win)
+    """A compact text table: one row per model, one column per scalar metric present (``n/a``: a KL the
+    baseline cannot score), and a footer that says when the KL column is not an unbiased KL estimate."""
+    baseline = report["baseline"]
+    columns = [c for c in ("pairwise_accuracy", "mean_margin", "reward_mean", f"win_rate_vs_{baseline}",
+                           "format_validity", f"kl_to_{baseline}")
                if any(c in m for m in report["models"].values())]
     width = max(len("model"), *(len(n) for n in report["models"]))
     lines = ["  ".join([f"{'model':<{width}}", *(f"{c:>{max(len(c), 10)}}" for c in columns)])]
+
+    def cell(value, column):
+        return f"{'n/a' if value is None else format(value, '.4f'):>{max(len(column), 10)}}"
+
     for name, m in report["models"].items():
-        cells = [f"{m.get(c, float('nan')):>{max(len(c), 10)}.4f}" for c in columns]
+        cells = [cell(m.get(c, float("nan")), c) for c in columns]
         lines.append("  ".join([f"{name:<{width}}", *cells]))
     lines.append(f"pairs: {report['n_pairs']}  prompts: {report['n_prompts']}  reward: {report['reward_source']}")
+    if report.get("kl_unbiased") is False:
+        lines.append(f"kl_to_{baseline}: samples not drawn at temperature 1 / top_p 1: not an unbiased KL estimate")
     return "\n".join(lines)
 
 
