@@ -4,10 +4,13 @@
   wrapped as ``PreTrainedTokenizerFast`` with Llama-style special tokens and a chat template.
 - ``build_model(dir, tokenizer_dir)``: a randomly initialised Llama (hidden 64, 2 layers by default),
   saved as an HF checkpoint next to its tokenizer, loadable by OpenRLHF's ``Actor``.
-- The *key-word task*: prompts ask for a short note on a topic; every response is shared filler plus a
-  few slots filled with *good* or *bad* key words. A preference pair differs only in those slots, so
-  the tokens that decide the preference are known exactly (``key_token_mask``), and
-  ``ground_truth_reward(text)`` scores any generated response.
+- The *key-word task*: prompts ask for a short note on a topic; every response is filler plus a closing
+  span of *good* or *bad* key words. The tokens that decide a preference are known exactly
+  (``key_token_mask``), ``ground_truth_reward(text)`` scores any generated response and ``parse_answer`` /
+  ``is_well_formed`` check that it follows the answer template. Two pair variants (``TASK_VARIANTS``):
+  ``independent`` (the default: chosen and rejected draw their own filler and length, as real pairs do) and
+  ``shared`` (both share every token but the key words: the adversarial case for token selection), each
+  optionally with label noise (a fraction of pairs flipped).
 - ``write_sft_data`` (UltraChat-style message lists), ``write_preference_data`` (UltraFeedback-binarized
   shape or plain strings), as JSONL that OpenRLHF's ``--data.dataset`` reads.
 """
@@ -23,8 +26,11 @@ TOPICS = [
     "river", "garden", "library", "mountain", "harbor", "market", "forest", "castle",
     "bridge", "village", "desert", "island", "station", "museum", "orchard", "valley",
 ]
-# Prompts of these topics never appear in training data: the demo's held-out evaluation prompts.
+# Prompts of these topics never appear in training data: the held-out test prompts, and (disjoint from them)
+# the validation prompts that hyperparameters are chosen on.
 HELD_OUT_TOPICS = ["lake", "tower", "farm", "canyon", "palace", "meadow"]
+VALIDATION_TOPICS = ["beach", "temple", "field", "cave", "road", "hill"]
+PROMPT_SPLITS = {"test": HELD_OUT_TOPICS, "validation": VALIDATION_TOPICS, "train": TOPICS}
 FILLER = [
     "the", "a", "morning", "light", "was", "soft", "and", "people", "walked", "slowly", "near", "old",
     "stone", "walls", "while", "birds", "sang", "over", "quiet", "streets", "in", "of", "it", "is",
@@ -37,6 +43,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 N_SLOTS = 4  # with 3-5 filler words, key tokens are about 30% of a response: SePO's default k
+TASK_VARIANTS = ("independent", "shared")
 
 
 def _prompt(topic: str) -> str:
@@ -84,8 +91,18 @@ def key_token_mask(pieces) -> list:
     return mask
 
 
-def make_pairs(n: int, seed: int = 0):
-    """n preference rows: prompt, chosen (all slots good), rejected (all slots bad), identical filler."""
+def make_pairs(n: int, seed: int = 0, variant: str = "independent", label_noise: float = 0.0):
+    """n preference rows ``{"prompt", "chosen", "rejected"}``: chosen has all slots good, rejected all bad.
+
+    variant ``independent``: chosen and rejected draw their own filler (words and length), so the pair
+    differs throughout, as real preference pairs do; ``shared``: the same filler, so the pair differs only in
+    its key span. ``label_noise`` in [0, 1]: exactly ``round(label_noise * n)`` rows, drawn from the seed, have
+    chosen and rejected swapped (noisy preference labels). Deterministic in (n, seed, variant, label_noise).
+    """
+    if variant not in TASK_VARIANTS:
+        raise ValueError(f"variant must be one of {TASK_VARIANTS}, got {variant!r}")
+    if not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -93,16 +110,49 @@ def make_pairs(n: int, seed: int = 0):
         filler_seed = rng.randrange(1 << 30)
         good = rng.sample(GOOD_WORDS, N_SLOTS)
         bad = rng.sample(BAD_WORDS, N_SLOTS)
+        rejected_seed = filler_seed if variant == "shared" else rng.randrange(1 << 30)
         chosen = _response(random.Random(filler_seed), topic, good)
-        rejected = _response(random.Random(filler_seed), topic, bad)
+        rejected = _response(random.Random(rejected_seed), topic, bad)
         rows.append({"prompt": _prompt(topic), "chosen": chosen, "rejected": rejected})
+    # A separate stream, so that the noise-free rows are the same rows whatever the noise level.
+    for i in random.Random(f"label-noise-{seed}").sample(range(n), round(label_noise * n)):
+        rows[i]["chosen"], rows[i]["rejected"] = rows[i]["rejected"], rows[i]["chosen"]
     return rows
 
 
-def make_prompts(n: int, seed: int = 0, held_out: bool = True):
-    """n prompts ``{"prompt": ...}``, by default on HELD_OUT_TOPICS, which no training row uses."""
+_ANSWER = re.compile(r"The ([a-z]+) is ([a-z]+(?: [a-z]+)*)\. My note is ([a-z]+(?: [a-z]+)*)\.")
+
+
+def parse_answer(text: str):
+    """The parts of an answer that follows the task's template, else None.
+
+    Template (what every SFT and preference response is): ``The <topic> is <filler>. My note is <k1> <k2> <k3>
+    <k4>.``, with one or more filler words from ``FILLER`` and exactly ``N_SLOTS`` key words from ``GOOD_WORDS``
+    or ``BAD_WORDS``; surrounding whitespace is ignored. Returns ``{"topic", "filler": [...], "key_words": [...]}``.
+    """
+    match = _ANSWER.fullmatch(text.strip())
+    if match is None:
+        return None
+    topic, filler, key_words = match.group(1), match.group(2).split(), match.group(3).split()
+    if len(key_words) != N_SLOTS or not all(w in GOOD_WORDS or w in BAD_WORDS for w in key_words):
+        return None
+    if not all(w in FILLER for w in filler):
+        return None
+    return {"topic": topic, "filler": filler, "key_words": key_words}
+
+
+def is_well_formed(text: str) -> bool:
+    """True iff ``parse_answer(text)`` parses: the answer follows the template (format validity)."""
+    return parse_answer(text) is not None
+
+
+def make_prompts(n: int, seed: int = 0, split: str = "test"):
+    """n prompts ``{"prompt": ...}`` on the topics of ``split``: ``test`` (HELD_OUT_TOPICS) and ``validation``
+    (VALIDATION_TOPICS) are disjoint from each other and from every training row's topics; ``train`` (TOPICS)."""
+    if split not in PROMPT_SPLITS:
+        raise ValueError(f"split must be one of {sorted(PROMPT_SPLITS)}, got {split!r}")
     rng = random.Random(seed)
-    return [{"prompt": _prompt(rng.choice(HELD_OUT_TOPICS if held_out else TOPICS))} for _ in range(n)]
+    return [{"prompt": _prompt(rng.choice(PROMPT_SPLITS[split]))} for _ in range(n)]
 
 
 def make_sft_rows(n: int, seed: int = 0):
@@ -133,15 +183,18 @@ def write_sft_data(path: str, n: int = 64, seed: int = 0) -> str:
     return _write_jsonl(path, rows)
 
 
-def write_preference_data(path: str, n: int = 64, seed: int = 0, shape: str = "ultrafeedback") -> str:
-    """Preference rows in one of two shapes.
+def write_preference_data(
+    path: str, n: int = 64, seed: int = 0, shape: str = "ultrafeedback", variant: str = "independent",
+    label_noise: float = 0.0,
+) -> str:
+    """``make_pairs(n, seed, variant, label_noise)`` rows in one of two shapes.
 
     ``ultrafeedback`` (UltraFeedback-binarized): ``prompt`` string; ``chosen`` and ``rejected`` message lists
     ``[user, assistant]`` (use ``--data.apply_chat_template``, no ``--data.prompt_key``).
     ``plain``: ``prompt``, ``chosen``, ``rejected`` strings (use ``--data.prompt_key prompt``).
     """
     rows = []
-    for r in make_pairs(n, seed):
+    for r in make_pairs(n, seed, variant, label_noise):
         if shape == "plain":
             rows.append(r)
         elif shape == "ultrafeedback":
@@ -159,7 +212,7 @@ def write_preference_data(path: str, n: int = 64, seed: int = 0, shape: str = "u
 
 
 def _corpus():
-    text = [_prompt(t) for t in TOPICS + HELD_OUT_TOPICS]
+    text = [_prompt(t) for t in TOPICS + HELD_OUT_TOPICS + VALIDATION_TOPICS]
     text += [" ".join(GOOD_WORDS), " ".join(BAD_WORDS), " ".join(FILLER), "The . , ! ?"]
     text += [r["response"] for r in make_sft_rows(200, seed=12345)]
     return text
