@@ -1,6 +1,7 @@
 """The CPU runtime's pieces: rendezvous defaults, the scoped CUDA->CPU redirection, the no-GPU-change
 guarantee, the flash-attn kernel placeholder, and the command line."""
 
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,34 @@ def test_cli_usage_errors():
     proc = subprocess.run([sys.executable, "-m", "openrlhf_sepo.cpu", "no_such_module_xyz"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "No module named no_such_module_xyz" in proc.stderr
+
+
+def test_jobs_batch_runs_in_order_logs_marks_done_skips_and_stops_at_a_failure(tmp_path):
+    """``--jobs``: each job runs as ``python -m MODULE ARGS`` in this process, its output goes to its log, its
+    ``done`` file gets its wall seconds, a finished job is skipped on a rerun, and a failing job stops the batch
+    with its exit status (the job after it never runs)."""
+    data = tmp_path / "in.json"
+    data.write_text('{"b": 1, "a": 2}')
+
+    def job(name, path, done=True):
+        return {"name": name, "module": "json.tool", "args": ["--sort-keys", str(path)],
+                "log": str(tmp_path / f"{name}.log"), "done": str(tmp_path / f"{name}.done") if done else None}
+
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([job("first", data), job("second", data)]))
+    cmd = [sys.executable, "-m", "openrlhf_sepo.cpu", "--jobs", str(jobs)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.index("[jobs] first: done") < proc.stdout.index("[jobs] second: done")
+    assert json.loads((tmp_path / "first.log").read_text()) == {"a": 2, "b": 1}
+    assert '"a": 2' not in proc.stdout  # the job's own output went to its log only
+    assert float((tmp_path / "second.done").read_text()) >= 0
+
+    jobs.write_text(json.dumps([job("first", data), job("broken", tmp_path / "missing.json", done=True),
+                                job("third", data)]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "[jobs] first: done already, skipped" in proc.stdout and "broken failed" in proc.stdout
+    assert not (tmp_path / "broken.done").exists() and not (tmp_path / "third.log").exists()
+    assert "missing.json" in (tmp_path / "broken.log").read_text()

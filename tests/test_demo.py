@@ -1,6 +1,6 @@
-"""The main job, reduced (--quick): every stage of the SePO pipeline end to end on the embedded task,
-then the report. Checks that the report and metrics exist and are finite, that the oracle's selected
-tokens hit the planted key tokens above their base rate, and that a rerun skips every finished stage."""
+"""The embedded task's variants, truth and template parser, the demo's statistics, and the reduced demo end
+to end (--quick: 2 seeds, the controls and weak-to-strong included), with every metric finite and a rerun that
+skips every finished job."""
 
 import json
 import math
@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from openrlhf_sepo import tiny
+from openrlhf_sepo.cli.demo import METHODS, SETTINGS_FILE, gated_reward, grid_points, mean_ci95
 
 
 def test_key_token_mask_is_exact_on_split_and_planted_words():
@@ -19,16 +20,98 @@ def test_key_token_mask_is_exact_on_split_and_planted_words():
     assert tiny.key_token_mask(pieces) == [False, False, False, True, True, False, True, False]
 
 
-def test_pairs_differ_only_in_the_key_span():
-    for row in tiny.make_pairs(20, seed=3):
+def _key_words(text):
+    return [w.strip(".") for w in text.split() if w.strip(".") in tiny.GOOD_WORDS + tiny.BAD_WORDS]
+
+
+def test_shared_pairs_differ_only_in_the_key_span():
+    for row in tiny.make_pairs(20, seed=3, variant="shared"):
         chosen, rejected = row["chosen"].split(), row["rejected"].split()
         assert len(chosen) == len(rejected)
         diff = [i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b]
         assert diff == list(range(len(chosen) - tiny.N_SLOTS, len(chosen)))
         assert tiny.ground_truth_reward(row["chosen"]) == 1.0 and tiny.ground_truth_reward(row["rejected"]) == -1.0
-    held_out = {r["prompt"] for r in tiny.make_prompts(50)}
-    trained = {r["prompt"] for r in tiny.make_pairs(200)} | {r["prompt"] for r in tiny.make_sft_rows(200)}
-    assert held_out and not held_out & trained
+
+
+def test_independent_pairs_draw_their_own_filler_and_keep_the_planted_truth(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tiny_tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "tokenizer"))
+    rows = tiny.make_pairs(40, seed=5)  # the default variant
+    assert rows == tiny.make_pairs(40, seed=5, variant="independent")
+    differ = sum(tiny.parse_answer(r["chosen"])["filler"] != tiny.parse_answer(r["rejected"])["filler"] for r in rows)
+    assert differ >= 35  # own filler words and length (equal only by chance)
+    for row in rows:
+        assert tiny.parse_answer(row["chosen"])["topic"] == tiny.parse_answer(row["rejected"])["topic"]
+        assert tiny.ground_truth_reward(row["chosen"]) == 1.0 and tiny.ground_truth_reward(row["rejected"]) == -1.0
+        for side, words in (("chosen", tiny.GOOD_WORDS), ("rejected", tiny.BAD_WORDS)):
+            ids = tiny_tokenizer(row[side], add_special_tokens=False)["input_ids"]
+            pieces = tiny_tokenizer.convert_ids_to_tokens(ids)
+            marked = "".join(p for p, key in zip(pieces, tiny.key_token_mask(pieces)) if key).replace("\u2581", " ")
+            assert marked.split() == [w + "." if i == tiny.N_SLOTS - 1 else w
+                                      for i, w in enumerate(_key_words(row[side]))]
+            assert all(w in words for w in _key_words(row[side]))
+
+
+def test_label_noise_flips_exactly_the_asked_fraction_and_nothing_else():
+    clean = tiny.make_pairs(50, seed=7)
+    noisy = tiny.make_pairs(50, seed=7, label_noise=0.2)
+    flipped = [i for i, (a, b) in enumerate(zip(clean, noisy)) if a != b]
+    assert len(flipped) == 10
+    for i in flipped:
+        assert noisy[i]["chosen"] == clean[i]["rejected"] and noisy[i]["rejected"] == clean[i]["chosen"]
+    assert noisy == tiny.make_pairs(50, seed=7, label_noise=0.2)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="label_noise"):
+            tiny.make_pairs(5, label_noise=bad)
+    with pytest.raises(ValueError, match="variant"):
+        tiny.make_pairs(5, variant="nope")
+
+
+def test_answer_template_parser():
+    for row in tiny.make_pairs(20, seed=1) + tiny.make_pairs(20, seed=1, variant="shared"):
+        assert tiny.is_well_formed(row["chosen"]) and tiny.is_well_formed(row["rejected"])
+    assert all(tiny.is_well_formed(r["response"]) for r in tiny.make_sft_rows(20))
+    assert tiny.parse_answer(" The lake is soft light. My note is clear kind wrong rude. \n") == {
+        "topic": "lake", "filler": ["soft", "light"], "key_words": ["clear", "kind", "wrong", "rude"]}
+    for text in (
+        "The lake is soft light. My note is clear kind wrong.",  # three key words
+        "The lake is soft light. My note is clear kind wrong rude kind.",  # five
+        "The lake is soft light. My note is clear kind wrong banana.",  # not a key word
+        "The lake is castle light. My note is clear kind wrong rude.",  # not a filler word
+        "The lake is. My note is clear kind wrong rude.",  # no filler
+        "The lake is soft light My note is clear kind wrong rude.",  # missing sentence break
+        "morning old some morning long the desert days",  # word salad
+        "",
+    ):
+        assert not tiny.is_well_formed(text), text
+
+
+def test_prompt_splits_are_disjoint_from_each_other_and_from_training():
+    test = {r["prompt"] for r in tiny.make_prompts(100, split="test")}
+    validation = {r["prompt"] for r in tiny.make_prompts(100, split="validation")}
+    trained = {r["prompt"] for r in tiny.make_pairs(300)} | {r["prompt"] for r in tiny.make_sft_rows(300)}
+    assert test and validation and not test & validation and not (test | validation) & trained
+    with pytest.raises(ValueError, match="split"):
+        tiny.make_prompts(3, split="dev")
+
+
+def test_mean_ci95_and_gated_reward_by_hand():
+    mean, hw = mean_ci95([1.0, 2.0, 3.0])  # sd 1, n 3, t(0.975, 2) = 4.303
+    assert mean == 2.0 and hw == pytest.approx(4.303 / math.sqrt(3))
+    assert mean_ci95([0.5, 0.5])[1] == 0.0 and math.isnan(mean_ci95([0.5])[1])
+    samples = [{"reward": 1.0, "well_formed": True}, {"reward": 0.5, "well_formed": False},
+               {"reward": -0.5, "well_formed": True}, {"reward": 0.0, "well_formed": False}]
+    assert gated_reward(samples) == pytest.approx((1.0 - 1.0 - 0.5 - 1.0) / 4)
+
+
+def test_committed_settings_cover_every_method_from_the_grid():
+    with open(SETTINGS_FILE) as f:
+        doc = json.load(f)
+    assert set(doc["settings"]) == set(METHODS)
+    for method, setting in doc["settings"].items():
+        assert setting in grid_points(method), (method, setting)
+        assert set(doc["validation"][method]) == {f"lr={p['lr']:g},beta={p['beta']:g}" for p in grid_points(method)}
 
 
 @pytest.mark.slow
@@ -41,23 +124,31 @@ def test_quick_demo_end_to_end(tmp_path):
 
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
-    for key in ("selection_precision", "key_token_base_rate", "ground_truth_reward", "win_rate_vs_sft", "wall_time_s"):
-        assert key in metrics
-    values = [metrics["key_token_base_rate"]]
-    for key in ("selection_precision", "ground_truth_reward", "win_rate_vs_sft", "wall_time_s"):
-        values += list(metrics[key].values())
-    assert all(math.isfinite(v) for v in values), metrics
-    assert set(metrics["ground_truth_reward"]) >= {"sft", "sepo", "dpo", "simpo"}
-    assert set(metrics["selection_precision"]) == {"0.1", "0.3", "0.5"}
-    for k, precision in metrics["selection_precision"].items():
-        assert precision > metrics["key_token_base_rate"], (k, metrics)
+    models = {"sft", "oracle", "sepo", "sepo_random", "sepo_truth", "dpo", "simpo", "strong_sft", "w2s_sepo"}
+    for key in ("ground_truth_reward", "win_rate_vs_sft", "pairwise_accuracy", "format_validity", "kl_to_sft"):
+        assert set(metrics[key]) == models, key
+        assert all(math.isfinite(v) for v in metrics[key].values()), (key, metrics[key])
+        assert all(math.isfinite(v) for v in metrics["ci95"][key].values()), key
+        assert all(len(v) == 2 for v in metrics["per_seed"][key].values())
+    assert metrics["kl_to_sft"]["sft"] == 0.0 and metrics["kl_to_sft"]["strong_sft"] == 0.0
+    assert set(metrics["selection_precision"]) == {"sepo", "sepo_random", "sepo_truth", "w2s_sepo"}
+    # The truth control selects planted key tokens first; random selection sits near the base rate.
+    assert metrics["selection_precision"]["sepo_truth"] > 0.9
+    assert metrics["selection_precision"]["sepo"] > metrics["key_token_base_rate"]
+    assert abs(metrics["selection_precision"]["sepo_random"] - metrics["key_token_base_rate"]) < 0.15
+    assert set(metrics["oracle_selection"]["precision"]) == {"0.1", "0.3", "0.5"}
+    assert metrics["training_tokens"]["sepo"] < metrics["training_tokens"]["dpo"]
+    assert metrics["seeds"] == [0, 1] and metrics["task"]["variant"] == "independent"
+    assert set(metrics["settings"]) == models - {"sft", "oracle", "strong_sft"}
+    assert set(metrics["weak_to_strong"]) == {"strong_sft", "w2s_sepo"}
+    assert "sepo - dpo" in metrics["ground_truth_differences"]
 
     report = open(os.path.join(out, "report.md")).read()
-    assert "| sepo |" in report and "reward_curve.png" in report
-    for name in ("report.md", "reward_curve.png", "selection.png", os.path.join("report", "index.html")):
+    assert "| sepo_random |" in report and "frontier.png" in report and "± " in report
+    for name in ("report.md", "frontier.png", "reward_curve.png", "selection.png", os.path.join("report", "index.html")):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
-    for stage in ("data", "sft", "oracle", "scores", "sepo", "dpo", "simpo", "evaluate"):
-        assert f"[demo] {stage:<8} skipped" in rerun.stdout, rerun.stdout
+    assert "stage1     0 of 8 jobs to run" in rerun.stdout and "stage2     0 of 12 jobs to run" in rerun.stdout
+    assert "[demo] eval s1     skipped" in rerun.stdout

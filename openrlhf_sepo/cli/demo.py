@@ -1,20 +1,24 @@
-"""The main job: the whole SePO pipeline on the embedded key-word task, on CPU, in minutes.
+"""The main job: a seeded, tuned comparison of SePO with DPO and SimPO on the embedded key-word task (CPU).
 
-``python -m openrlhf_sepo.cli.demo --output_dir demo_output`` (README command 1, ``make demo``):
+``python -m openrlhf_sepo.cli.demo --output_dir demo_output`` (README command 1, ``make demo``) trains and
+evaluates every method of ``METHODS`` at its tuned setting (``demo_settings.json``) on each seed of ``--seeds``;
+``--sweep`` re-derives those settings on the validation prompts instead (``DEMO.md`` beside the README says how).
 
-  data      tiny tokenizer + random tiny Llama + SFT data + preference pairs (oracle / policy / eval splits)
-  sft       reference pi_ref          OpenRLHF train_sft                       (2 gloo ranks, ZeRO-2)
-  oracle    oracle pi_o               OpenRLHF train_dpo from pi_ref on the oracle split
-  scores    token rewards             score_tokens(pi_o, pi_ref) on the policy split
-  sepo      SePO policy, k = 0.3      train_sepo from pi_ref, selected tokens only, no reference model
-  dpo       baseline, all tokens      OpenRLHF train_dpo from pi_ref (runs the reference model too)
-  simpo     baseline, all tokens      train_sepo at k = 1.0 (SimPO's length-normalised loss)
-  evaluate  pairwise accuracy on held-out pairs, ground-truth reward of sampled answers, win rate vs SFT,
-            the same reward along each training run, and the oracle's selection precision/recall
-  report    report.md + PNG plots + the token view of score_report + metrics.json
+Per seed everything is redrawn: data, base-model initialisation, SFT, oracle, token scores and policies.
 
-The three policies share data, steps, batch size and learning rate ("the same budget"). Each stage is
-skipped when its output is complete (a ``.done`` marker written last), so a rerun resumes.
+  data      tokenizer (trained locally), a weak tiny Llama (hidden 64, 2 layers) and a strong one (hidden 128,
+            4 layers), SFT rows, preference pairs of the task variant (oracle / policy / eval splits, disjoint
+            seeds), validation and test prompts (topics disjoint from each other and from all training rows)
+  stage 1   one launch, all seeds: sft and strong_sft (OpenRLHF train_sft), oracle (train_dpo from sft),
+            scores (score_tokens: oracle vs sft on the policy split)
+  truth     a scores dir whose scores are the planted key tokens (the truth-selection control)
+  stage 2   one launch, all seeds: every policy of METHODS (train_sepo or OpenRLHF train_dpo)
+  evaluate  test prompts: ground-truth reward, format validity, KL to the policy's SFT model, win rate vs it;
+            held-out pairs: pairwise accuracy; every training snapshot (for the curves and the frontier)
+  report    report.md, metrics.json, frontier.png, reward_curve.png, selection.png, report/ (token view)
+
+A launch runs its jobs through ``python -m openrlhf_sepo.cpu --jobs`` (one process start per launch, not per
+job). Every job and stage is skipped when its output is complete, so a rerun resumes.
 """
 
 import argparse
@@ -28,30 +32,76 @@ import time
 import openrlhf_sepo  # noqa: F401  (flash-attn kernel placeholder before OpenRLHF)
 from openrlhf_sepo import tiny
 
-# name -> (method, k, nll_loss_coef). The *_nll rows add OpenRLHF's --model.nll_loss_coef (an NLL term on the
-# whole chosen response) to the same three methods; the quick sizes (the CI test) train the first three only.
-POLICIES = {
-    "sepo": ("sepo", 0.3, 0.0),
-    "dpo": ("dpo", None, 0.0),
-    "simpo": ("sepo", 1.0, 0.0),
-    "sepo_nll": ("sepo", 0.3, 1.0),
-    "dpo_nll": ("dpo", None, 1.0),
-    "simpo_nll": ("sepo", 1.0, 1.0),
+# Each method: which trainer, which token scores and selection, which SFT model it starts from.
+# sepo: our default (common prefix excluded); sepo_paper: the published method (prefix kept); the controls
+# sepo_random / sepo_truth differ from sepo in the selection alone; simpo is SimPO (all tokens, prefix kept);
+# *_nll add OpenRLHF's NLL term on the chosen response; w2s_*: the strong policy, the weak oracle's scores.
+_SEPO = dict(trainer="sepo", scores="oracle", k=0.3, selection="per_response", keep_prefix=False, nll=0.0,
+             policy="weak")
+_DPO = dict(trainer="dpo", nll=0.0, policy="weak")
+_SIMPO = dict(_SEPO, k=1.0, keep_prefix=True)
+METHODS = {
+    "sepo": _SEPO,
+    "sepo_paper": dict(_SEPO, keep_prefix=True),
+    "sepo_random": dict(_SEPO, selection="random"),
+    "sepo_truth": dict(_SEPO, scores="truth"),
+    "dpo": _DPO,
+    "simpo": _SIMPO,
+    "sepo_nll": dict(_SEPO, nll=1.0),
+    "dpo_nll": dict(_DPO, nll=1.0),
+    "simpo_nll": dict(_SIMPO, nll=1.0),
+    "w2s_sepo": dict(_SEPO, policy="strong"),
+    "w2s_dpo": dict(_DPO, policy="strong"),
+    "w2s_simpo": dict(_SIMPO, policy="strong"),
 }
+QUICK_METHODS = ["sepo", "sepo_random", "sepo_truth", "dpo", "simpo", "w2s_sepo"]
+GRID = {"lr": [3e-4, 1e-3, 3e-3], "sepo_beta": [1.0, 2.5], "dpo_beta": [0.1, 0.5]}
+OBJECTIVE = ("mean over validation samples of the ground-truth reward, a malformed answer (not "
+             "tiny.is_well_formed) counting as -1")
+SETTINGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_settings.json")
 K_VALUES = (0.1, 0.3, 0.5)
+MODELS = {"weak": dict(hidden_size=64, num_layers=2), "strong": dict(hidden_size=128, num_layers=4)}
 
 SIZES = {
-    # full: README command 1; quick: the CI test of the whole pipeline
-    # n_policy is a multiple of the global batch (32), so the final model is the last snapshot's step.
+    # full: README command 1; quick: the CI test of the whole pipeline. n_policy is a multiple of the global
+    # batch (32), so the last snapshot is the final model; snapshots every save_steps optimizer steps.
     "full": dict(n_sft=1500, n_oracle=384, n_policy=384, n_eval=100, n_prompts=64, sft_epochs=3,
-                 oracle_epochs=2, policy_epochs=2, save_steps=4),
-    "quick": dict(n_sft=320, n_oracle=96, n_policy=96, n_eval=32, n_prompts=16, sft_epochs=2,
-                  oracle_epochs=2, policy_epochs=1, save_steps=1),
+                 oracle_epochs=2, policy_epochs=2, save_steps=8),
+    "quick": dict(n_sft=800, n_oracle=96, n_policy=96, n_eval=32, n_prompts=16, sft_epochs=3,
+                  oracle_epochs=2, policy_epochs=2, save_steps=3),
 }
+BATCH = 32
 COMMON_TRAIN = ["--ds.attn_implementation", "sdpa", "--ds.zero_stage", "2", "--ds.param_dtype", "bf16",
-                "--data.max_len", "128", "--train.micro_batch_size", "8", "--train.batch_size", "32",
+                "--data.max_len", "128", "--train.micro_batch_size", "8", "--train.batch_size", str(BATCH),
                 "--data.dataloader_num_workers", "0"]
 CHAT = ["--data.apply_chat_template"]  # OpenRLHF's raw-data stages; train_sepo reads already tokenized scores
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_ci95(values):
+    """(mean, half-width of the 95% Student-t interval of the mean) of per-seed values; half-width NaN for one."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def gated_reward(samples) -> float:
+    """The tuning objective (``OBJECTIVE``): ground truth of well-formed answers, -1 for malformed ones."""
+    return sum(s["reward"] if s["well_formed"] else -1.0 for s in samples) / len(samples)
+
+
+def setting_flags(method: str, setting: dict) -> list:
+    """The command-line flags of one grid point: learning rate, and the method's beta."""
+    beta = ["--model.beta"] if METHODS[method]["trainer"] == "dpo" else ["--sepo.beta"]
+    return ["--adam.lr", str(setting["lr"]), *beta, str(setting["beta"])]
+
+
+def grid_points(method: str):
+    betas = GRID["dpo_beta"] if METHODS[method]["trainer"] == "dpo" else GRID["sepo_beta"]
+    return [{"lr": lr, "beta": beta} for lr in GRID["lr"] for beta in betas]
 
 
 class Demo:
@@ -59,328 +109,349 @@ class Demo:
         self.args = args
         self.out = os.path.abspath(args.output_dir)
         self.size = SIZES["quick" if args.quick else "full"]
-        self.policies = list(POLICIES)[:3] if args.quick else list(POLICIES)
-        self.timings = {}
-        os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
+        self.methods = [m.strip() for m in args.methods.split(",")] if args.methods else (
+            QUICK_METHODS if args.quick else list(METHODS))
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+        self.seeds = [int(s) for s in args.seeds.split(",")]
+        if args.sweep:
+            self.seeds = self.seeds[:1]
+        elif len(self.seeds) < 2:
+            raise SystemExit("--seeds: give at least 2 seeds (3 or more for an interval worth reading)")
+        if not args.sweep:
+            self.settings = self._load_settings(args.settings)
+        self.steps = self.size["n_policy"] // BATCH * self.size["policy_epochs"]
+        os.makedirs(self.out, exist_ok=True)
+
+    def _load_settings(self, path):
+        try:
+            with open(path) as f:
+                settings = json.load(f)["settings"]
+        except (OSError, KeyError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--settings: cannot read tuned settings from {path!r}: {e}") from None
+        missing = [m for m in self.methods if m not in settings]
+        if missing:
+            raise SystemExit(f"--settings {path}: no setting for {missing}; run --sweep for them")
+        return settings
 
     # --- plumbing -------------------------------------------------------------------------------------
     def path(self, *parts):
         return os.path.join(self.out, *parts)
 
-    def stage(self, name, fn, done_path):
-        """Run ``fn`` unless ``done_path/.done`` exists; record its wall time; print progress."""
-        marker = os.path.join(done_path, ".done")
-        times = self._load_times()
+    def seed_path(self, seed, *parts):
+        return self.path(f"seed{seed}", *parts)
+
+    def stage(self, name, fn, marker):
+        """Run ``fn`` unless ``marker`` exists; write the wall seconds into it; print progress."""
         if os.path.exists(marker):
-            self.timings[name] = times.get(name, 0.0)
-            print(f"[demo] {name:<8} skipped (done: {os.path.relpath(done_path, self.out)})", flush=True)
+            print(f"[demo] {name:<10} skipped (done)", flush=True)
             return
-        print(f"[demo] {name:<8} ...", flush=True)
+        print(f"[demo] {name:<10} ...", flush=True)
         start = time.time()
         fn()
-        self.timings[name] = round(time.time() - start, 1)
-        os.makedirs(done_path, exist_ok=True)
-        open(marker, "w").close()
-        times[name] = self.timings[name]
-        with open(self.path("stage_times.json"), "w") as f:
-            json.dump(times, f, indent=1)
-        print(f"[demo] {name:<8} done in {self.timings[name]:.0f} s", flush=True)
+        seconds = round(time.time() - start, 1)
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(f"{seconds}\n")
+        print(f"[demo] {name:<10} done in {seconds:.0f} s", flush=True)
 
-    def _load_times(self):
-        try:
-            with open(self.path("stage_times.json")) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return {}
-
-    def launch(self, name, module, args):
-        """Run an OpenRLHF-style entrypoint through the CPU runtime with --nproc gloo ranks; log to logs/."""
+    def launch(self, name, jobs):
+        """Run ``jobs`` (name, module, args, done marker, log) in one torchrun launch of --nproc gloo ranks."""
         from openrlhf_sepo.cpu import free_port
 
+        todo = [j for j in jobs if not os.path.exists(j["done"])]
+        print(f"[demo] {name:<10} {len(todo)} of {len(jobs)} jobs to run", flush=True)
+        if not todo:
+            return
+        jobs_file = self.path("logs", f"{name}_jobs.json")
+        os.makedirs(os.path.dirname(jobs_file), exist_ok=True)
+        with open(jobs_file, "w") as f:
+            json.dump(todo, f, indent=1)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(self.args.nproc),
-               "--master_port", str(free_port()), "-m", "openrlhf_sepo.cpu", module, *args]
-        log = self.path("logs", f"{name}.log")
+               "--master_port", str(free_port()), "-m", "openrlhf_sepo.cpu", "--jobs", jobs_file]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        start, log = time.time(), self.path("logs", f"{name}.log")
         with open(log, "w") as f:
             f.write(" ".join(cmd) + "\n")
             f.flush()
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+            for line in proc.stdout:  # the jobs' own output goes to their logs; the runner's lines are echoed
+                f.write(line)
+                if line.startswith("[jobs]"):
+                    print(f"[demo]   {line[7:].rstrip()}", flush=True)
+            proc.wait()
         if proc.returncode != 0:
-            with open(log) as f:
+            failed = next((j for j in todo if not os.path.exists(j["done"])), None)
+            where = failed["log"] if failed and os.path.exists(failed["log"]) else log
+            with open(where) as f:
                 tail = f.read()[-3000:]
-            raise SystemExit(f"[demo] stage {name} failed (exit {proc.returncode}); full log: {log}\n{tail}")
+            raise SystemExit(f"[demo] launch {name} failed (exit {proc.returncode}) at job "
+                             f"{failed['name'] if failed else '?'}; log: {where}\n{tail}")
+        print(f"[demo] {name:<10} {len(todo)} jobs in {time.time() - start:.0f} s", flush=True)
 
-    # --- stages ---------------------------------------------------------------------------------------
-    def make_data(self):
-        s, seed = self.size, self.args.seed
-        tiny.build_tokenizer(self.path("data", "tokenizer"))
-        tiny.build_model(self.path("data", "base"), self.path("data", "tokenizer"), self.args.hidden_size, seed=seed)
-        tiny.write_sft_data(self.path("data", "sft.jsonl"), s["n_sft"], seed)
+    def job(self, seed, name, module, args):
+        return {"name": f"seed{seed}/{name}", "module": module, "args": args,
+                "done": self.seed_path(seed, "done", f"{name}.done"), "log": self.seed_path(seed, "logs", f"{name}.log")}
+
+    # --- data and stage 1 -----------------------------------------------------------------------------
+    def make_data(self, seed):
+        s, d = self.size, lambda *p: self.seed_path(seed, "data", *p)
+        tiny.build_tokenizer(d("tokenizer"))
+        for name, shape in MODELS.items():
+            tiny.build_model(d(f"base_{name}"), d("tokenizer"), shape["hidden_size"], shape["num_layers"], seed=seed)
+        tiny.write_sft_data(d("sft.jsonl"), s["n_sft"], seed)
         # Disjoint seeds: the oracle never sees the policy's pairs, and evaluation sees neither.
-        tiny.write_preference_data(self.path("data", "oracle_pairs.jsonl"), s["n_oracle"], seed + 1)
-        tiny.write_preference_data(self.path("data", "policy_pairs.jsonl"), s["n_policy"], seed + 2)
-        tiny.write_preference_data(self.path("data", "eval_pairs.jsonl"), s["n_eval"], seed + 3)
-        with open(self.path("data", "prompts.jsonl"), "w") as f:
-            for row in tiny.make_prompts(s["n_prompts"], seed + 4):
-                f.write(json.dumps(row) + "\n")
+        task = dict(variant=self.args.task, label_noise=self.args.label_noise)
+        tiny.write_preference_data(d("oracle_pairs.jsonl"), s["n_oracle"], 1000 * seed + 1, **task)
+        tiny.write_preference_data(d("policy_pairs.jsonl"), s["n_policy"], 1000 * seed + 2, **task)
+        tiny.write_preference_data(d("eval_pairs.jsonl"), s["n_eval"], 1000 * seed + 3, variant=self.args.task)
+        for split in ("validation", "test"):
+            with open(d(f"{split}_prompts.jsonl"), "w") as f:
+                for row in tiny.make_prompts(s["n_prompts"], 1000 * seed + 4, split=split):
+                    f.write(json.dumps(row) + "\n")
 
-    def train_sft(self):
-        self.launch("sft", "openrlhf.cli.train_sft", [
-            "--model.model_name_or_path", self.path("data", "base"),
-            "--data.dataset", self.path("data", "sft.jsonl"), "--data.input_key", "messages",
-            *COMMON_TRAIN, *CHAT, "--train.max_epochs", str(self.size["sft_epochs"]), "--adam.lr", "3e-3",
-            "--ckpt.output_dir", self.path("models", "sft"), "--ckpt.path", self.path("ckpt", "sft"),
-        ])
-
-    def train_oracle(self):
-        self.launch("oracle", "openrlhf.cli.train_dpo", [
-            "--model.model_name_or_path", self.path("models", "sft"),
-            "--ref.model_name_or_path", self.path("models", "sft"),
-            "--data.dataset", self.path("data", "oracle_pairs.jsonl"), *COMMON_TRAIN, *CHAT,
+    def stage1_jobs(self, seed):
+        m, d = lambda *p: self.seed_path(seed, "models", *p), lambda *p: self.seed_path(seed, "data", *p)
+        seed_flag = ["--train.seed", str(seed)]
+        jobs = []
+        for sft, base in (("sft", "base_weak"), ("strong_sft", "base_strong")):
+            if sft == "strong_sft" and not any(METHODS[x]["policy"] == "strong" for x in self.methods):
+                continue
+            jobs.append(self.job(seed, sft, "openrlhf.cli.train_sft", [
+                "--model.model_name_or_path", d(base), "--data.dataset", d("sft.jsonl"), "--data.input_key",
+                "messages", *COMMON_TRAIN, *CHAT, "--train.max_epochs", str(self.size["sft_epochs"]),
+                "--adam.lr", "3e-3", "--ckpt.output_dir", m(sft), "--ckpt.path", self.seed_path(seed, "ckpt", sft),
+                *seed_flag]))
+        jobs.append(self.job(seed, "oracle", "openrlhf.cli.train_dpo", [
+            "--model.model_name_or_path", m("sft"), "--ref.model_name_or_path", m("sft"),
+            "--data.dataset", d("oracle_pairs.jsonl"), *COMMON_TRAIN, *CHAT,
             "--train.max_epochs", str(self.size["oracle_epochs"]), "--adam.lr", str(self.args.oracle_lr),
-            "--model.beta", "0.1",
-            "--ckpt.output_dir", self.path("models", "oracle"), "--ckpt.path", self.path("ckpt", "oracle"),
-        ])
+            "--model.beta", "0.1", "--ckpt.output_dir", m("oracle"), "--ckpt.path", self.seed_path(seed, "ckpt", "oracle"),
+            *seed_flag]))
+        jobs.append(self.job(seed, "scores", "openrlhf_sepo.cli.score_tokens", [
+            "--oracle.model_name_or_path", m("oracle"), "--ref.model_name_or_path", m("sft"),
+            "--data.dataset", d("policy_pairs.jsonl"), "--data.apply_chat_template", "--data.max_len", "128",
+            "--output_dir", self.seed_path(seed, "scores"), "--overwrite", "--k_perc", ",".join(map(str, K_VALUES))]))
+        return jobs
 
-    def score(self):
-        self.launch("scores", "openrlhf_sepo.cli.score_tokens", [
-            "--oracle.model_name_or_path", self.path("models", "oracle"),
-            "--ref.model_name_or_path", self.path("models", "sft"),
-            "--data.dataset", self.path("data", "policy_pairs.jsonl"), "--data.apply_chat_template",
-            "--data.max_len", "128", "--output_dir", self.path("scores"), "--overwrite",
-            "--k_perc", ",".join(map(str, K_VALUES)),
-        ])
+    def write_truth_scores(self, seed):
+        """The truth control's scores dir: the oracle's scores dir with each score replaced by the planted
+        key-token mask (chosen +1, rejected -1 on key tokens, 0 elsewhere), so that selection keeps key tokens
+        first; same ids, manifest and flags, so it trains exactly like SePO."""
+        import shutil
 
-    def _policy_flags(self, name):
-        # Same data, steps, batch and lr for all three policies; HF snapshots along the way for the curve.
-        return [
-            "--model.model_name_or_path", self.path("models", "sft"), *COMMON_TRAIN,
-            "--train.max_epochs", str(self.size["policy_epochs"]), "--adam.lr", str(self.args.policy_lr),
-            "--ckpt.output_dir", self.path("models", name), "--ckpt.path", self.path("ckpt", name),
-            "--ckpt.save_steps", str(self.size["save_steps"]), "--ckpt.save_hf", "--ckpt.disable_ds",
-            "--logger.tensorboard_dir", self.path("tensorboard", name),
-        ]
-
-    def train_policy(self, name):
-        method, k, nll = POLICIES[name]
-        if method == "sepo":
-            module, data = "openrlhf_sepo.cli.train_sepo", [
-                "--data.dataset", self.path("scores"), "--sepo.k_chosen", str(k), "--sepo.k_rejected", str(k),
-                "--sepo.beta", str(self.args.sepo_beta), "--sepo.gamma", "0.0"]
-        else:  # OpenRLHF's DPO on the same pairs, with the reference model
-            module, data = "openrlhf.cli.train_dpo", [
-                "--ref.model_name_or_path", self.path("models", "sft"), "--data.dataset",
-                self.path("data", "policy_pairs.jsonl"), *CHAT, "--model.beta", str(self.args.dpo_beta)]
-        self.launch(name, module, [*self._policy_flags(name), *data, "--model.nll_loss_coef", str(nll)])
-
-    def evaluate(self):
-        from openrlhf_sepo.cli.evaluate import DataFlags, GenFlags, evaluate_models
-
-        data = DataFlags(dataset=self.path("data", "eval_pairs.jsonl"), apply_chat_template=True, max_len=128)
-        gen = GenFlags(prompts=self.path("data", "prompts.jsonl"), n_prompts=self.size["n_prompts"],
-                       max_new_tokens=48, greedy=False, temperature=1.0, seed=self.args.seed, n_samples=3)
-        models = {"sft": self.path("models", "sft"), "oracle": self.path("models", "oracle")}
-        models.update({p: self.path("models", p) for p in self.policies})
-        final = evaluate_models(models, baseline="sft", data=data, gen=gen, reward="ground_truth", batch_size=32)
-
-        # Ground-truth reward along training: every HF snapshot, generation only.
-        curves = {}
-        no_pairs = DataFlags(apply_chat_template=True, max_len=128)
-        for policy in self.policies:
-            snapshots = {0: self.path("models", "sft")}
-            ckpt_dir = self.path("ckpt", policy)
-            for entry in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
-                if entry.startswith("global_step") and entry.endswith("_hf"):
-                    snapshots[int(entry[len("global_step"):-3])] = os.path.join(ckpt_dir, entry)
-            final_step = self.size["n_policy"] // 32 * self.size["policy_epochs"]  # global batch 32
-            snapshots[final_step] = self.path("models", policy)
-            result = evaluate_models({f"step{s}": p for s, p in sorted(snapshots.items())}, data=no_pairs,
-                                     gen=gen, reward="ground_truth", batch_size=32)
-            curves[policy] = {int(name[4:]): m["reward_mean"] for name, m in result["models"].items()}
-        with open(self.path("evaluation.json"), "w") as f:
-            json.dump({"final": final, "curves": curves}, f, indent=1)
-
-    # --- report ---------------------------------------------------------------------------------------
-    def selection_quality(self, rows):
-        """Precision / recall of the oracle's selected tokens against the planted key tokens, per k."""
-        import torch
+        import pyarrow as pa
+        import pyarrow.parquet as pq
         from transformers import AutoTokenizer
 
-        from openrlhf_sepo.scoring import select_key_tokens
+        src, dst = self.seed_path(seed, "scores"), self.seed_path(seed, "scores_truth")
+        tok = AutoTokenizer.from_pretrained(self.seed_path(seed, "models", "sft"))
+        shutil.rmtree(dst, ignore_errors=True)
+        os.makedirs(os.path.join(dst, "data"))
+        for name in sorted(os.listdir(os.path.join(src, "data"))):
+            table = pq.read_table(os.path.join(src, "data", name))
+            rows = table.to_pylist()
+            for row in rows:
+                for side, sign in (("chosen", 1.0), ("rejected", -1.0)):
+                    pieces = tok.convert_ids_to_tokens(row[f"{side}_input_ids"][row["prompt_len"]:])
+                    row[f"{side}_scores"] = [sign * float(x) for x in tiny.key_token_mask(pieces)]
+            pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), os.path.join(dst, "data", name))
+        shutil.copy(os.path.join(src, "manifest.json"), os.path.join(dst, "manifest.json"))
 
-        tok = AutoTokenizer.from_pretrained(self.path("models", "sft"))
-        hits = {k: 0 for k in K_VALUES}
-        selected = {k: 0 for k in K_VALUES}
-        n_key = n_tokens = 0
-        for row in rows:
-            for side, largest in (("chosen", True), ("rejected", False)):
-                response = row[f"{side}_input_ids"][row["prompt_len"]:]
-                key = torch.tensor(tiny.key_token_mask(tok.convert_ids_to_tokens(response)))
-                scores = torch.tensor(row[f"{side}_scores"])
-                n_key += int(key.sum())
-                n_tokens += len(response)
-                for k in K_VALUES:
-                    mask = select_key_tokens(scores, k, largest=largest)
-                    hits[k] += int((mask & key).sum())
-                    selected[k] += int(mask.sum())
-        return {
-            "precision": {str(k): hits[k] / selected[k] for k in K_VALUES},
-            "recall": {str(k): hits[k] / n_key for k in K_VALUES},
-            "base_rate": n_key / n_tokens,
-            "n_response_tokens": n_tokens,
-        }
+    # --- stage 2: policies ----------------------------------------------------------------------------
+    def policy_job(self, seed, name, method, setting, snapshots):
+        spec = METHODS[method]
+        m, d = lambda *p: self.seed_path(seed, "models", *p), lambda *p: self.seed_path(seed, "data", *p)
+        init = m("sft" if spec["policy"] == "weak" else "strong_sft")
+        args = ["--model.model_name_or_path", init, *COMMON_TRAIN, "--train.max_epochs",
+                str(self.size["policy_epochs"]), "--train.seed", str(seed), *setting_flags(method, setting),
+                "--model.nll_loss_coef", str(spec["nll"]), "--ckpt.output_dir", m(name),
+                "--ckpt.path", self.seed_path(seed, "ckpt", name)]
+        if snapshots:
+            args += ["--ckpt.save_steps", str(self.size["save_steps"]), "--ckpt.save_hf", "--ckpt.disable_ds"]
+        if spec["trainer"] == "sepo":
+            scores = self.seed_path(seed, "scores" if spec["scores"] == "oracle" else "scores_truth")
+            args += ["--data.dataset", scores, "--sepo.k_chosen", str(spec["k"]), "--sepo.k_rejected",
+                     str(spec["k"]), "--sepo.selection", spec["selection"], "--sepo.gamma", "0.0"]
+            args += ["--sepo.keep_common_prefix"] if spec["keep_prefix"] else []
+            return self.job(seed, name, "openrlhf_sepo.cli.train_sepo", args)
+        args += ["--ref.model_name_or_path", init, "--data.dataset", d("policy_pairs.jsonl"), *CHAT]
+        return self.job(seed, name, "openrlhf.cli.train_dpo", args)
 
-    def training_tokens(self, rows):
-        """Per policy, the response tokens whose log-probs enter its loss, summed over epochs; and the prompt +
-        response tokens through the policy (for its throughput). An NLL term reads every chosen-response token."""
-        from openrlhf_sepo.scoring import num_selected
+    # --- evaluation -----------------------------------------------------------------------------------
+    def evaluate_seed(self, seed, runs, prompts, snapshots):
+        """{run: metrics} for ``runs`` ({name: method}) on ``prompts`` (validation or test), each family against
+        its own SFT model; with ``snapshots``, also every saved training step (``curves``: run -> step -> metrics)."""
+        from openrlhf_sepo.cli.evaluate import DataFlags, GenFlags, evaluate_models
 
-        count = dict(chosen=0, rejected=0, chosen_selected=0, rejected_selected=0, sequence=0)
-        for row in rows:
-            for side in ("chosen", "rejected"):
-                n = len(row[f"{side}_scores"])
-                count[side] += n
-                count[f"{side}_selected"] += num_selected(n, 0.3)
-                count["sequence"] += len(row[f"{side}_input_ids"])
-        tokens = {}
-        for name in self.policies:
-            method, k, nll = POLICIES[name]
-            selective = method == "sepo" and k < 1.0
-            chosen = count["chosen"] if nll or not selective else count["chosen_selected"]
-            rejected = count["rejected_selected"] if selective else count["rejected"]
-            tokens[name] = (chosen + rejected) * self.size["policy_epochs"]
-        return tokens, count["sequence"] * self.size["policy_epochs"]
+        p = lambda *x: self.seed_path(seed, *x)  # noqa: E731
+        n = self.size["n_prompts"]
+        data = DataFlags(dataset=p("data", "eval_pairs.jsonl"), apply_chat_template=True, max_len=128)
+        gen = GenFlags(prompts=p("data", f"{prompts}_prompts.jsonl"), n_prompts=n, max_new_tokens=48,
+                       temperature=1.0, top_p=1.0, seed=seed, n_samples=n)
+        no_pairs = DataFlags(apply_chat_template=True, max_len=128)
+        final, curves = {}, {}
+        for family, sft in (("weak", "sft"), ("strong", "strong_sft")):
+            names = [r for r, method in runs.items() if METHODS[method]["policy"] == family]
+            if not names:
+                continue
+            models = {sft: p("models", sft), **({"oracle": p("models", "oracle")} if family == "weak" else {})}
+            models.update({r: p("models", r) for r in names})
+            result = evaluate_models(models, baseline=sft, data=data, gen=gen, reward="ground_truth", batch_size=32)
+            final.update(_summaries(result, sft))
+            if not snapshots:
+                continue
+            for run in names:
+                steps = {0: p("models", sft), self.steps: p("models", run)}
+                ckpt = p("ckpt", run)
+                for entry in os.listdir(ckpt) if os.path.isdir(ckpt) else []:
+                    if entry.startswith("global_step") and entry.endswith("_hf"):
+                        steps.setdefault(int(entry[len("global_step"):-3]), os.path.join(ckpt, entry))
+                inner = {f"step{s}": path for s, path in sorted(steps.items()) if 0 < s < self.steps}
+                result = evaluate_models({sft: p("models", sft), **inner}, baseline=sft, data=no_pairs, gen=gen,
+                                         reward="ground_truth", batch_size=32)
+                curve = {int(k[4:]): v for k, v in _summaries(result, sft).items() if k.startswith("step")}
+                curve[0], curve[self.steps] = final[sft], final[run]
+                curves[run] = {s: curve[s] for s in sorted(curve)}
+        return final, curves
 
-    def report(self):
-        from datasets import load_dataset
+    # --- selection quality and token counts -----------------------------------------------------------
+    def selection_stats(self, seed):
+        """Per selective run: precision / recall of its training selection against the planted key tokens,
+        and per run the response tokens whose log-probs enter its loss (all epochs); the oracle's precision /
+        recall at each k of K_VALUES; the key-token base rate."""
+        import numpy as np
+        from transformers import AutoTokenizer
 
-        with open(self.path("evaluation.json")) as f:
-            evaluation = json.load(f)
-        final, curves = evaluation["final"]["models"], evaluation["curves"]
-        scored = load_dataset("parquet", data_dir=self.path("scores", "data"), split="train")  # the policy split
-        selection = self.selection_quality(scored)
-        tokens, sequence_tokens = self.training_tokens(scored)
-        times = self._load_times()
+        from openrlhf_sepo.datasets import DataStrategy, TokenScoreDataset
 
-        subprocess.run([sys.executable, "-m", "openrlhf_sepo.cli.score_report", self.path("scores"),
-                        "--out", self.path("report"), "--k", "0.3"], check=True, stdout=subprocess.DEVNULL)
-        self._plots(curves, selection)
+        tok = AutoTokenizer.from_pretrained(self.seed_path(seed, "models", "sft"))
+        strategy = DataStrategy(None, quiet=True)
 
-        metrics = {
-            "selection_precision": selection["precision"],
-            "selection_recall": selection["recall"],
-            "key_token_base_rate": selection["base_rate"],
-            "ground_truth_reward": {m: final[m]["reward_mean"] for m in final},
-            "win_rate_vs_sft": {m: final[m]["win_rate_vs_sft"] for m in final},
-            "pairwise_accuracy": {m: final[m]["pairwise_accuracy"] for m in final},
-            "training_tokens": tokens,
-            "wall_time_s": times,
-        }
-        with open(self.path("metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
+        def dataset(scores, k, selection, keep_prefix):
+            return TokenScoreDataset(self.seed_path(seed, scores), tok, 128, strategy, k_chosen=k, k_rejected=k,
+                                     selection=selection, exclude_common_prefix=not keep_prefix, seed=seed)
 
-        lines = [
-            "# SePO demo report", "",
-            "Embedded key-word task: a preference pair differs only in its key words "
-            f"(base rate {selection['base_rate']:.1%} of response tokens), so token-level truth is known.", "",
-            "## Models", "",
-            "| model | ground-truth reward | win rate vs SFT | pairwise accuracy | training tokens | "
-            "wall time (s) | policy tokens/s |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for m in ("sft", "oracle", *self.policies):
-            wall = times.get(m, times.get("oracle") if m == "oracle" else None)
-            tok = tokens.get(m)
-            tps = f"{sequence_tokens / wall:.0f}" if m in POLICIES and wall else "-"
-            lines.append(
-                f"| {m} | {final[m]['reward_mean']:+.3f} | {final[m]['win_rate_vs_sft']:.3f} | "
-                f"{final[m]['pairwise_accuracy']:.3f} | {tok if tok is not None else '-'} | "
-                f"{wall if wall is not None else '-'} | {tps} |"
-            )
-        lines += [
-            "", "All policies start from the SFT model and share data, steps, batch size and learning rate. "
-            "`*_nll` rows add OpenRLHF's `--model.nll_loss_coef 1` (NLL of the whole chosen response) to the same "
-            "method. Training tokens: response tokens whose log-probs enter the loss (SePO: the k = 0.3 selection, "
-            "plus the chosen response with NLL; DPO and SimPO: all). Policy tokens/s: prompt + response tokens "
-            "through the policy per second of stage wall time (2 CPU ranks; DPO also runs its reference model).", "",
-            "## Oracle token selection against the planted key tokens", "",
-            "| k | precision | recall | base rate |", "|---|---|---|---|",
-        ]
+        base = dataset("scores", 1.0, "per_response", True)
+        key = {}
+        for side in ("chosen", "rejected"):
+            ids = base.data[f"{side}_input_ids"]
+            key[side] = np.concatenate([tiny.key_token_mask(tok.convert_ids_to_tokens(row[p:]))
+                                        for row, p in zip(ids, base.prompt_lens)]).astype(bool)
+        n_key = sum(int(v.sum()) for v in key.values())
+        n_tokens = sum(len(v) for v in key.values())
+
+        def quality(ds):
+            hits = sum(int((ds.selected[s] & key[s]).sum()) for s in key)
+            picked = sum(int(ds.selected[s].sum()) for s in key)
+            return hits / picked, hits / n_key, picked
+
+        epochs = self.size["policy_epochs"]
+        stats = {"precision": {}, "recall": {}, "training_tokens": {}, "base_rate": n_key / n_tokens,
+                 "oracle_precision": {}, "oracle_recall": {}}
+        for method in self.methods:
+            spec = METHODS[method]
+            if spec["trainer"] == "dpo":
+                stats["training_tokens"][method] = n_tokens * epochs
+                continue
+            ds = dataset("scores" if spec["scores"] == "oracle" else "scores_truth", spec["k"], spec["selection"],
+                         spec["keep_prefix"])
+            precision, recall, picked = quality(ds)
+            if spec["k"] < 1.0:
+                stats["precision"][method], stats["recall"][method] = precision, recall
+            # The NLL term reads every chosen token: selected rejected tokens + all chosen tokens.
+            nll_tokens = len(key["chosen"]) + int(ds.selected["rejected"].sum())
+            stats["training_tokens"][method] = (nll_tokens if spec["nll"] else picked) * epochs
         for k in K_VALUES:
-            lines.append(f"| {k} | {selection['precision'][str(k)]:.3f} | {selection['recall'][str(k)]:.3f} | "
-                         f"{selection['base_rate']:.3f} |")
-        lines += [
-            "", "![selection](selection.png)", "",
-            "## Ground-truth reward during training", "", "![reward curve](reward_curve.png)", "",
-            "## Token scores", "",
-            "[Token view](report/index.html): each token shaded by its oracle reward, the tokens selected at "
-            "k = 0.3 marked.", "", "![token scores](report/scores.png)", "",
-            "## Stage wall times (s)", "",
-            "| stage | seconds |", "|---|---|",
-            *[f"| {k} | {v} |" for k, v in times.items()],
-            "", "## Sample generations", "",
-        ]
-        for m in ("sft", *self.policies):
-            for sample in final[m].get("samples", [])[:2]:
-                text = sample.get("response", sample) if isinstance(sample, dict) else sample
-                lines.append(f"- **{m}**: {json.dumps(text)}")
-        with open(self.path("report.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+            precision, recall, _ = quality(dataset("scores", k, "per_response", False))
+            stats["oracle_precision"][str(k)], stats["oracle_recall"][str(k)] = precision, recall
+        return stats
 
-    def _plots(self, curves, selection):
-        import matplotlib
+    # --- the two modes --------------------------------------------------------------------------------
+    def prepare(self):
+        for seed in self.seeds:
+            self.stage(f"data s{seed}", lambda seed=seed: self.make_data(seed), self.seed_path(seed, "done", "data.done"))
+        self.launch("stage1", [j for seed in self.seeds for j in self.stage1_jobs(seed)])
+        if any(METHODS[m].get("scores") == "truth" for m in self.methods):
+            for seed in self.seeds:
+                self.stage(f"truth s{seed}", lambda seed=seed: self.write_truth_scores(seed),
+                           self.seed_path(seed, "done", "truth.done"))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        colors = {"sepo": "tab:green", "dpo": "tab:blue", "simpo": "tab:orange"}
-        for policy, curve in curves.items():
-            steps = sorted(curve, key=int)
-            ax.plot([int(s) for s in steps], [curve[s] for s in steps], marker="o", label=policy,
-                    color=colors[policy.removesuffix("_nll")], linestyle="--" if policy.endswith("_nll") else "-")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("ground-truth reward (sampled)")
-        ax.set_title("Alignment during training (same data, steps and lr)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.path("reward_curve.png"), dpi=120)
-        plt.close(fig)
-
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        ks = [str(k) for k in K_VALUES]
-        x = range(len(ks))
-        ax.bar([i - 0.2 for i in x], [selection["precision"][k] for k in ks], width=0.4, label="precision")
-        ax.bar([i + 0.2 for i in x], [selection["recall"][k] for k in ks], width=0.4, label="recall")
-        ax.axhline(selection["base_rate"], color="black", linestyle="--", label="key-token base rate")
-        ax.set_xticks(list(x), [f"k={k}" for k in ks])
-        ax.set_ylim(0, 1)
-        ax.set_title("Oracle-selected tokens vs planted key tokens")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.path("selection.png"), dpi=120)
-        plt.close(fig)
-
-    def run(self):
+    def run_benchmark(self):
         start = time.time()
-        self.stage("data", self.make_data, self.path("data"))
-        self.stage("sft", self.train_sft, self.path("models", "sft"))
-        self.stage("oracle", self.train_oracle, self.path("models", "oracle"))
-        self.stage("scores", self.score, self.path("scores"))
-        for name in self.policies:
-            self.stage(name, lambda name=name: self.train_policy(name), self.path("models", name))
-        self.stage("evaluate", self.evaluate, self.path("eval_done"))
-        print("[demo] report   ...", flush=True)
-        self.report()
-        with open(self.path("metrics.json")) as f:
-            metrics = json.load(f)
-        bad = [k for k, v in _flatten(metrics).items() if not math.isfinite(v)]
+        self.prepare()
+        self.launch("stage2", [self.policy_job(seed, m, m, self.settings[m], snapshots=True)
+                               for seed in self.seeds for m in self.methods])
+        for seed in self.seeds:
+            def evaluate(seed=seed):
+                final, curves = self.evaluate_seed(seed, {m: m for m in self.methods}, "test", snapshots=True)
+                stats = self.selection_stats(seed)
+                with open(self.seed_path(seed, "evaluation.json"), "w") as f:
+                    json.dump({"final": final, "curves": curves, "selection": stats}, f, indent=1)
+            self.stage(f"eval s{seed}", evaluate, self.seed_path(seed, "done", "evaluate.done"))
+        from openrlhf_sepo.cli.demo_report import write_report
+
+        print("[demo] report     ...", flush=True)
+        metrics = write_report(self)
+        bad = [k for k, v in _flatten(metrics).items() if not math.isfinite(v) and not k.startswith("ci95.")]
         if bad:
             raise SystemExit(f"[demo] non-finite metrics: {bad}")
         print(f"[demo] finished in {time.time() - start:.0f} s. Report: {self.path('report.md')}")
         with open(self.path("report.md")) as f:
-            print("".join(f.readlines()[:20]))
+            print("".join(f.readlines()[:40]))
+
+    def run_sweep(self):
+        """Every method at every grid point on the first seed, scored on the validation prompts; the best point
+        of each method by ``OBJECTIVE`` becomes its setting. Writes sweep.json (the ``--settings`` format)."""
+        start = time.time()
+        self.prepare()
+        seed = self.seeds[0]
+        runs = {f"{m}__lr{p['lr']:g}_b{p['beta']:g}": (m, p) for m in self.methods for p in grid_points(m)}
+        self.launch("sweep", [self.policy_job(seed, r, m, p, snapshots=False) for r, (m, p) in runs.items()])
+
+        def evaluate():
+            final, _ = self.evaluate_seed(seed, {r: m for r, (m, _) in runs.items()}, "validation", snapshots=False)
+            with open(self.seed_path(seed, "sweep_evaluation.json"), "w") as f:
+                json.dump(final, f, indent=1)
+        self.stage("sweep eval", evaluate, self.seed_path(seed, "done", "sweep_evaluation.done"))
+        with open(self.seed_path(seed, "sweep_evaluation.json")) as f:
+            final = json.load(f)
+        scores, settings = {}, {}
+        for r, (m, p) in runs.items():
+            scores.setdefault(m, {})[f"lr={p['lr']:g},beta={p['beta']:g}"] = {
+                "objective": final[r]["gated_reward"], "ground_truth_reward": final[r]["ground_truth_reward"],
+                "format_validity": final[r]["format_validity"], "kl_to_sft": final[r]["kl_to_sft"]}
+        for m in self.methods:
+            best = max(grid_points(m), key=lambda p: final[f"{m}__lr{p['lr']:g}_b{p['beta']:g}"]["gated_reward"])
+            settings[m] = best
+        doc = {"grid": GRID, "objective": OBJECTIVE, "seed": seed, "prompts": "validation",
+               "task": {"variant": self.args.task, "label_noise": self.args.label_noise,
+                        "policy_steps": self.steps, **self.size},
+               "settings": settings, "validation": scores, "wall_time_s": round(time.time() - start, 1)}
+        with open(self.path("sweep.json"), "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"[demo] sweep finished in {time.time() - start:.0f} s: {self.path('sweep.json')}")
+        for m in self.methods:
+            row = "  ".join(f"{c}: {v['objective']:+.3f}" for c, v in scores[m].items())
+            print(f"  {m:<12} best {settings[m]}   {row}")
+
+
+def _summaries(result, baseline):
+    """evaluate_models output -> {model: the scalar metrics the demo reports} (KL and win rate vs ``baseline``)."""
+    out = {}
+    for name, m in result["models"].items():
+        out[name] = {
+            "ground_truth_reward": m["reward_mean"],
+            "format_validity": m["format_validity"],
+            "kl_to_sft": m[f"kl_to_{baseline}"],
+            "win_rate_vs_sft": m[f"win_rate_vs_{baseline}"],
+            "gated_reward": gated_reward(m["samples"]),
+            "samples": [s["response"] for s in m["samples"][:3]],
+        }
+        if "pairwise_accuracy" in m:
+            out[name]["pairwise_accuracy"] = m["pairwise_accuracy"]
+    return out
 
 
 def _flatten(d, prefix=""):
@@ -388,28 +459,34 @@ def _flatten(d, prefix=""):
     for k, v in d.items():
         if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)):
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[f"{prefix}{k}"] = float(v)
     return out
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Run the whole SePO pipeline on the embedded key-word task (CPU).")
+    p = argparse.ArgumentParser(description="SePO vs DPO vs SimPO on the embedded key-word task, seeded and tuned (CPU).")
     p.add_argument("--output_dir", default="demo_output")
-    p.add_argument("--quick", action="store_true", help="reduced sizes (the CI test of the whole pipeline)")
-    p.add_argument("--nproc", type=int, default=2, help="gloo ranks per training stage")
-    p.add_argument("--hidden_size", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="reduced sizes and methods (the CI test of the pipeline)")
+    p.add_argument("--sweep", action="store_true",
+                   help="re-derive the tuned settings: every method on the grid, first seed, validation prompts")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (each redraws data, models and runs)")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(METHODS)}")
+    p.add_argument("--settings", default=SETTINGS_FILE, help="tuned settings (a --sweep's sweep.json)")
+    p.add_argument("--task", default="independent", choices=list(tiny.TASK_VARIANTS), help="pair variant")
+    p.add_argument("--label_noise", type=float, default=0.0, help="fraction of training pairs flipped")
+    p.add_argument("--nproc", type=int, default=2, help="gloo ranks per launch")
     p.add_argument("--oracle_lr", type=float, default=1e-4,
                    help="DPO learning rate of the oracle: gentle, so that its token rewards stay local")
-    p.add_argument("--policy_lr", type=float, default=1e-3, help="learning rate of all three policies")
-    p.add_argument("--sepo_beta", type=float, default=2.0, help="--sepo.beta of SePO and SimPO")
-    p.add_argument("--dpo_beta", type=float, default=0.1, help="--model.beta of the DPO baseline")
-    p.add_argument("--seed", type=int, default=0)
     return p
 
 
 def main(argv=None):
-    Demo(build_parser().parse_args(argv)).run()
+    args = build_parser().parse_args(argv)
+    if not 0.0 <= args.label_noise < 0.5:
+        raise SystemExit(f"--label_noise must be in [0, 0.5), got {args.label_noise}")
+    demo = Demo(args)
+    demo.run_sweep() if args.sweep else demo.run_benchmark()
 
 
 if __name__ == "__main__":

@@ -588,10 +588,13 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    # Tear down only a process group this run created: a caller's (e.g. a batch of jobs under one launcher,
+    # python -m openrlhf_sepo.cpu --jobs) must outlive it, with DeepSpeed's groups built on it.
+    owned = not torch.distributed.is_initialized()
     try:
         return run(args)
     finally:
-        if torch.distributed.is_initialized():
+        if owned and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

@@ -67,12 +67,13 @@ def run_jobs(path: str) -> int:
     with open(path, encoding="utf-8") as f:
         jobs = json.load(f)
     rank = int(os.environ.get("RANK", "0"))
+    say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     for job in jobs:
         done = job.get("done")
         if done and os.path.exists(done):
-            print(f"[jobs] {job['name']}: done already, skipped", flush=True)
+            say(f"[jobs] {job['name']}: done already, skipped")
             continue
-        print(f"[jobs] {job['name']}: {job['module']} ...", flush=True)
+        say(f"[jobs] {job['name']}: {job['module']} ...")
         start = time.time()
         saved = _to_log(job["log"]) if job.get("log") else None
         try:
@@ -90,7 +91,7 @@ def run_jobs(path: str) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(done)), exist_ok=True)
             with open(done, "w") as f:
                 f.write(f"{seconds}\n")
-        print(f"[jobs] {job['name']}: done in {seconds} s", flush=True)
+        say(f"[jobs] {job['name']}: done in {seconds} s")
     return 0
 
 
