@@ -91,6 +91,9 @@ def run_variant(opts):
         "--ds.attn_implementation", "sdpa", "--ds.zero_stage", "2",
         "--train.micro_batch_size", str(opts.pairs), "--train.batch_size", str(opts.pairs),
         "--train.max_epochs", "1", "--sepo.k_chosen", str(opts.k), "--sepo.k_rejected", str(opts.k),
+        # The preference losses alone, as DPOTrainer's: train_sepo's default NLL term reads every chosen token
+        # and so takes the full-logits forward (the sepo_full variant's cost).
+        "--model.nll_loss_coef", "0",
     ])
     args = hierarchize(flat)
     args.model.beta, args.model.label_smoothing, args.model.ipo_enable = 0.1, 0.0, False  # DPOTrainer's flags

@@ -153,14 +153,15 @@ def test_bad_flags_are_refused_before_training(tiny_dir, write_scores, tmp_path,
 
 
 def test_parser_keeps_train_dpo_names_and_defaults():
-    """Shared flags have train_dpo's names and defaults; no --ref.* and no DPO-only loss flags."""
+    """Shared flags have train_dpo's names and defaults (but the NLL term, on by default: docs/sepo.md); no --ref.*
+    and no DPO-only loss flags."""
     from openrlhf_sepo.cli import train_sepo
 
     parser = train_sepo.build_parser()
     defaults = {a.dest: a.default for a in parser._actions}
     assert not [d for d in defaults if d.startswith("ref.") or d in ("model.beta", "model.ipo_enable")]
     for dest, value in {"train.micro_batch_size": 8, "train.batch_size": 128, "adam.lr": 1e-5, "ds.zero_stage": 2,
-                        "data.max_len": 512, "train.max_epochs": 1, "model.nll_loss_coef": 0, "local_rank": -1,
+                        "data.max_len": 512, "train.max_epochs": 1, "model.nll_loss_coef": 1.0, "local_rank": -1,
                         "sepo.k_chosen": 0.3, "sepo.k_rejected": 0.3, "sepo.selection": "per_response",
                         "sepo.beta": 1.0, "sepo.gamma": 0.0, "sepo.keep_common_prefix": False}.items():
         assert defaults[dest] == value, dest

@@ -2,7 +2,7 @@
 
 ``python -m openrlhf_sepo.cli.demo --output_dir demo_output`` (README command 1, ``make demo``) trains and
 evaluates every method of ``METHODS`` at its tuned setting (``demo_settings.json``) on each seed of ``--seeds``;
-``--sweep`` re-derives those settings on the validation prompts instead (``DEMO.md`` beside the README says how).
+``--sweep`` re-derives those settings on the validation prompts instead (docs/benchmark.md says how).
 
 Per seed everything is redrawn: data, base-model initialisation, SFT, oracle, token scores and policies.
 
@@ -33,26 +33,28 @@ import openrlhf_sepo  # noqa: F401  (flash-attn kernel placeholder before OpenRL
 from openrlhf_sepo import tiny
 
 # Each method: which trainer, which token scores and selection, which SFT model it starts from.
-# sepo: our default (common prefix excluded); sepo_paper: the published method (prefix kept); the controls
-# sepo_random / sepo_truth differ from sepo in the selection alone; simpo is SimPO (all tokens, prefix kept);
-# *_nll add OpenRLHF's NLL term on the chosen response; w2s_*: the strong policy, the weak oracle's scores.
-_SEPO = dict(trainer="sepo", scores="oracle", k=0.3, selection="per_response", keep_prefix=False, nll=0.0,
+# sepo is this package's default SePO: common prefix excluded and OpenRLHF's NLL term on the chosen response
+# (what the sweep showed keeps the answer format); sepo_no_nll drops the NLL term, sepo_paper is the published
+# method (prefix kept, no NLL). The controls sepo_random / sepo_truth differ from sepo in the selection alone.
+# simpo is SimPO (all tokens, prefix kept); *_nll add the same NLL term to DPO / SimPO; w2s_*: the strong
+# policy trained from the weak oracle's scores (SePO) or on the same pairs (DPO, SimPO).
+_SEPO = dict(trainer="sepo", scores="oracle", k=0.3, selection="per_response", keep_prefix=False, nll=1.0,
              policy="weak")
 _DPO = dict(trainer="dpo", nll=0.0, policy="weak")
-_SIMPO = dict(_SEPO, k=1.0, keep_prefix=True)
+_SIMPO = dict(_SEPO, k=1.0, keep_prefix=True, nll=0.0)
 METHODS = {
     "sepo": _SEPO,
-    "sepo_paper": dict(_SEPO, keep_prefix=True),
+    "sepo_no_nll": dict(_SEPO, nll=0.0),
+    "sepo_paper": dict(_SEPO, keep_prefix=True, nll=0.0),
     "sepo_random": dict(_SEPO, selection="random"),
     "sepo_truth": dict(_SEPO, scores="truth"),
     "dpo": _DPO,
     "simpo": _SIMPO,
-    "sepo_nll": dict(_SEPO, nll=1.0),
     "dpo_nll": dict(_DPO, nll=1.0),
     "simpo_nll": dict(_SIMPO, nll=1.0),
     "w2s_sepo": dict(_SEPO, policy="strong"),
-    "w2s_dpo": dict(_DPO, policy="strong"),
-    "w2s_simpo": dict(_SIMPO, policy="strong"),
+    "w2s_dpo_nll": dict(_DPO, nll=1.0, policy="strong"),
+    "w2s_simpo_nll": dict(_SIMPO, nll=1.0, policy="strong"),
 }
 QUICK_METHODS = ["sepo", "sepo_random", "sepo_truth", "dpo", "simpo", "w2s_sepo"]
 GRID = {"lr": [3e-4, 1e-3, 3e-3], "sepo_beta": [1.0, 2.5], "dpo_beta": [0.1, 0.5]}

@@ -18,16 +18,16 @@ LABELS = {"ground_truth_reward": "ground truth", "format_validity": "format vali
           "win_rate_vs_sft": "win rate vs SFT", "pairwise_accuracy": "pairwise acc.",
           "selection_precision": "selection precision", "training_tokens": "training tokens"}
 # Paired comparisons read in the report: (a, b) -> a - b in ground truth, seed by seed.
-COMPARISONS = [("sepo", "dpo"), ("sepo", "simpo"), ("sepo", "sepo_random"), ("sepo", "sepo_paper"),
-               ("sepo_truth", "sepo"), ("sepo_nll", "dpo_nll"), ("sepo_nll", "simpo_nll"),
-               ("w2s_sepo", "w2s_dpo"), ("w2s_sepo", "w2s_simpo")]
-COLORS = {"sepo": "tab:green", "sepo_paper": "olive", "sepo_random": "tab:gray", "sepo_truth": "black",
+COMPARISONS = [("sepo", "dpo_nll"), ("sepo", "simpo_nll"), ("sepo", "sepo_random"), ("sepo_truth", "sepo"),
+               ("sepo", "sepo_no_nll"), ("sepo_no_nll", "sepo_paper"), ("sepo_no_nll", "dpo"),
+               ("sepo_no_nll", "simpo"), ("w2s_sepo", "w2s_dpo_nll"), ("w2s_sepo", "w2s_simpo_nll")]
+COLORS = {"sepo": "tab:green", "sepo_no_nll": "tab:cyan", "sepo_paper": "olive", "sepo_random": "tab:gray", "sepo_truth": "black",
           "dpo": "tab:blue", "simpo": "tab:orange"}
 
 
 def _style(method):
     base = method.removeprefix("w2s_").removesuffix("_nll")
-    return COLORS.get(base, "tab:purple"), "--" if method.endswith("_nll") else "-"
+    return COLORS.get(base, "tab:purple"), "-" if METHODS[method]["nll"] else ":"  # dotted: no NLL term
 
 
 def _fmt(mean, hw, digits=3, signed=False):
@@ -60,7 +60,10 @@ def write_report(demo) -> dict:
     times = {}
     for seed in seeds:
         done = demo.seed_path(seed, "done")
+        stages = {"data", "sft", "strong_sft", "oracle", "scores", "truth", "evaluate", *demo.methods}
         for name in os.listdir(done):
+            if name.removesuffix(".done") not in stages:  # e.g. a --sweep's jobs in the same output dir
+                continue
             with open(os.path.join(done, name)) as f:
                 times.setdefault(name.removesuffix(".done"), []).append(float(f.read()))
     wall = {name: round(sum(v) / len(v), 1) for name, v in sorted(times.items())}

@@ -4,7 +4,7 @@
 (also through ``python -m openrlhf_sepo.cpu openrlhf_sepo.cli.evaluate ...``). Plain single process, no
 DeepSpeed: under a launcher only rank 0 evaluates.
 
-Metrics per model (README.md, section Evaluation, lists every flag and output key):
+Metrics per model (docs/evaluate.md lists every flag and output key):
 
 - ``pairwise_accuracy`` = mean over pairs of 1[ u(y_w) > u(y_l) ], with u(y) = mean over response tokens
   (EOS included, prompt excluded) of log pi(y_t | x, y_<t): the length-normalised log-prob. ``mean_margin`` =

@@ -1,6 +1,7 @@
 """``python -m openrlhf_sepo.cli.train_sepo`` (or ``deepspeed --module ...``): SePO policy training.
 
-OpenRLHF's ``train_dpo`` with the flags that apply, same names and defaults, minus the reference model
+OpenRLHF's ``train_dpo`` with the flags that apply, same names and defaults (but ``--model.nll_loss_coef``, 1 here:
+see its comment), minus the reference model
 (``--ref.*``), the DPO loss flags (``--model.beta``, ``--model.ipo_enable``, ``--model.label_smoothing``) and the
 tokenization flags (``--data.prompt_key`` ... ``--data.tokenizer_chat_template``, ``--data.dataset_split``,
 ``--data.dataset_probs``, ``--eval.split``, ``--use_ms``: the ids were fixed when the data was scored), plus
@@ -69,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Training; the NLL and MoE regularisers are OpenRLHF's
     add("--train.max_epochs", type=int, default=1)
     add("--model.aux_loss_coef", type=float, default=0, help="MoE balancing loss")
-    add("--model.nll_loss_coef", type=float, default=0, help="NLL over the whole chosen response")
+    # Default 1, not train_dpo's 0: SePO has no reference model to anchor the policy, and on the benchmark
+    # (docs/benchmark.md) every preference-only loss broke the answer format at every learning rate tried,
+    # while the NLL term kept it. --model.nll_loss_coef 0 gives the published objective.
+    add("--model.nll_loss_coef", type=float, default=1.0, help="NLL over the whole chosen response (0: published SePO)")
 
     # SePO
     add("--sepo.k_chosen", type=selection_ratio, default=0.3, help="share of chosen tokens selected, (0, 1]")
