@@ -53,11 +53,17 @@ def _to_log(path):
 
 
 def _restore(saved):
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if not stream.closed:
+            stream.flush()
     for fd, target in zip(saved, (1, 2)):
         os.dup2(fd, target)
         os.close(fd)
+    # A job may close sys.stdout (json.tool does, on success): reopen it on the restored descriptor.
+    if sys.stdout.closed:
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+    if sys.stderr.closed:
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
 
 
 def run_jobs(path: str) -> int:
