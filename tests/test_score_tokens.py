@@ -149,7 +149,9 @@ def test_output_schema_ids_scores_and_manifest(setup, reference_run):
     # The chosen side keeps the highest scores, the rejected side the lowest.
     assert sel["mean_selected_score"] > m["score_stats"]["chosen"]["mean"]
     assert m["selection"]["0.3"]["rejected"]["mean_selected_score"] < m["score_stats"]["rejected"]["mean"]
-    assert m["timing"]["tokens_scored_this_run"] == 2 * n_tokens and m["timing"]["tokens_per_s"] > 0
+    n_rejected = sum(len(r["rejected_scores"]) for r in rows)
+    assert m["score_stats"]["rejected"]["tokens"] == n_rejected
+    assert m["timing"]["tokens_scored_this_run"] == n_tokens + n_rejected and m["timing"]["tokens_per_s"] > 0
     assert m["shards"] == {"total": 4, "scored_this_run": 4, "resumed": 0}
 
 

@@ -56,7 +56,7 @@ METHODS = {
     "w2s_dpo_nll": dict(_DPO, nll=1.0, policy="strong"),
     "w2s_simpo_nll": dict(_SIMPO, nll=1.0, policy="strong"),
 }
-QUICK_METHODS = ["sepo", "sepo_random", "sepo_truth", "dpo", "simpo", "w2s_sepo"]
+QUICK_METHODS = ["sepo", "sepo_random", "sepo_truth", "dpo_nll", "simpo", "w2s_sepo"]
 GRID = {"lr": [3e-4, 1e-3, 3e-3], "sepo_beta": [1.0, 2.5], "dpo_beta": [0.1, 0.5]}
 OBJECTIVE = ("mean over validation samples of the ground-truth reward, a malformed answer (not "
              "tiny.is_well_formed) counting as -1")
@@ -116,7 +116,7 @@ class Demo:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
-        self.seeds = [int(s) for s in args.seeds.split(",")]
+        self.seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
         if args.sweep:
             self.seeds = self.seeds[:1]
         elif len(self.seeds) < 2:
@@ -472,7 +472,8 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="reduced sizes and methods (the CI test of the pipeline)")
     p.add_argument("--sweep", action="store_true",
                    help="re-derive the tuned settings: every method on the grid, first seed, validation prompts")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (each redraws data, models and runs)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds, each redrawing data, models and runs (default 0,1,2; --quick: 0,1)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(METHODS)}")
     p.add_argument("--settings", default=SETTINGS_FILE, help="tuned settings (a --sweep's sweep.json)")
     p.add_argument("--task", default="independent", choices=list(tiny.TASK_VARIANTS), help="pair variant")
