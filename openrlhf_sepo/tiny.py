@@ -6,11 +6,12 @@
   saved as an HF checkpoint next to its tokenizer, loadable by OpenRLHF's ``Actor``.
 - The *key-word task*: prompts ask for a short note on a topic; every response is filler plus a closing
   span of *good* or *bad* key words. The tokens that decide a preference are known exactly
-  (``key_token_mask``), ``ground_truth_reward(text)`` scores any generated response and ``parse_answer`` /
-  ``is_well_formed`` check that it follows the answer template. Two pair variants (``TASK_VARIANTS``):
-  ``independent`` (the default: chosen and rejected draw their own filler and length, as real pairs do) and
-  ``shared`` (both share every token but the key words: the adversarial case for token selection), each
-  optionally with label noise (a fraction of pairs flipped).
+  (``key_token_mask``, ``key_token_signs``), ``ground_truth_reward(text)`` scores any generated response and ``parse_answer`` /
+  ``is_well_formed`` check that it follows the answer template. Three pair variants (``TASK_VARIANTS``):
+  ``independent`` (the default: chosen and rejected draw their own filler and length, as real pairs do),
+  ``shared`` (both share every token but the key words: the adversarial case for token selection) and
+  ``mixed`` (independent, but chosen holds one bad key word and rejected one good one), each optionally with
+  label noise (a fraction of pairs flipped).
 - ``write_sft_data`` (UltraChat-style message lists), ``write_preference_data`` (UltraFeedback-binarized
   shape or plain strings), as JSONL that OpenRLHF's ``--data.dataset`` reads.
 """
@@ -43,7 +44,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 N_SLOTS = 4  # with 3-5 filler words, key tokens are about 30% of a response: SePO's default k
-TASK_VARIANTS = ("independent", "shared")
+TASK_VARIANTS = ("independent", "shared", "mixed")
 
 
 def _prompt(topic: str) -> str:
@@ -71,32 +72,44 @@ def ground_truth_reward(text: str) -> float:
 _KEY_WORD = re.compile(r"\b(" + "|".join(GOOD_WORDS + BAD_WORDS) + r")\b")
 
 
-def key_token_mask(pieces) -> list:
-    """Which tokens of a response carry a planted key word, from its token pieces (``convert_ids_to_tokens``).
+def key_token_signs(pieces) -> list:
+    """Per token of a response (its pieces, ``convert_ids_to_tokens``): +1 if it carries a planted good key word, -1
+    a bad one, 0 otherwise: the task's true token-level reward.
 
     The pieces are joined back into text (Metaspace "\u2581" -> space), every key word is found on word
-    boundaries (filler never contains one, so each occurrence is a planted slot word), and a token is key when its
-    characters, its leading space aside, overlap a key word. Exact even when BPE splits a key word.
+    boundaries (filler never contains one, so each occurrence is a planted slot word), and a token takes a key
+    word's sign when its characters, its leading space aside, overlap that word. Exact even when BPE splits a key
+    word; a token overlapping both a good and a bad word (never seen with this tokenizer) counts as bad.
     """
     starts, text = [], ""
     for piece in pieces:
         starts.append(len(text))
         text += piece.replace("\u2581", " ")
-    spans = [m.span() for m in _KEY_WORD.finditer(text)]
-    mask = []
+    spans = [(m.span(), 1 if m.group(0) in GOOD_WORDS else -1) for m in _KEY_WORD.finditer(text)]
+    signs = []
     for start, piece in zip(starts, pieces):
         lo = start + (1 if piece.startswith("\u2581") else 0)
         hi = start + len(piece)
-        mask.append(any(lo < b and a < hi for a, b in spans))
-    return mask
+        hits = [sign for (a, b), sign in spans if lo < b and a < hi]
+        signs.append(min(hits) if hits else 0)
+    return signs
+
+
+def key_token_mask(pieces) -> list:
+    """Which tokens of a response carry a planted key word (good or bad): ``key_token_signs(pieces) != 0``."""
+    return [sign != 0 for sign in key_token_signs(pieces)]
 
 
 def make_pairs(n: int, seed: int = 0, variant: str = "independent", label_noise: float = 0.0):
-    """n preference rows ``{"prompt", "chosen", "rejected"}``: chosen has all slots good, rejected all bad.
+    """n preference rows ``{"prompt", "chosen", "rejected"}``: chosen has all slots good, rejected all bad (``mixed``:
+    chosen one bad slot, rejected one good slot).
 
     variant ``independent``: chosen and rejected draw their own filler (words and length), so the pair
     differs throughout, as real preference pairs do; ``shared``: the same filler, so the pair differs only in
-    its key span. ``label_noise`` in [0, 1]: exactly ``round(label_noise * n)`` rows, drawn from the seed, have
+    its key span; ``mixed``: as ``independent``, but the chosen answer has one bad key word (3 good) and the
+    rejected one good key word (3 bad), at random slots, as real preferred answers are better, not flawless: the
+    case where token-level credit matters, since imitating the chosen answer also imitates its bad word.
+    ``label_noise`` in [0, 1]: exactly ``round(label_noise * n)`` rows, drawn from the seed, have
     chosen and rejected swapped (noisy preference labels). Deterministic in (n, seed, variant, label_noise).
     """
     if variant not in TASK_VARIANTS:
@@ -110,6 +123,9 @@ def make_pairs(n: int, seed: int = 0, variant: str = "independent", label_noise:
         filler_seed = rng.randrange(1 << 30)
         good = rng.sample(GOOD_WORDS, N_SLOTS)
         bad = rng.sample(BAD_WORDS, N_SLOTS)
+        if variant == "mixed":  # swap one slot of each side (an extra draw, so the other variants keep their rows)
+            i, j = rng.randrange(N_SLOTS), rng.randrange(N_SLOTS)
+            good[i], bad[j] = bad[j], good[i]
         rejected_seed = filler_seed if variant == "shared" else rng.randrange(1 << 30)
         chosen = _response(random.Random(filler_seed), topic, good)
         rejected = _response(random.Random(rejected_seed), topic, bad)

@@ -53,6 +53,23 @@ def test_independent_pairs_draw_their_own_filler_and_keep_the_planted_truth(tiny
             assert all(w in words for w in _key_words(row[side]))
 
 
+def test_key_token_signs_give_the_true_token_reward():
+    pieces = ["The", "\u2581river", "\u2581is", "\u2581mis", "leading", "\u2581this", "\u2581kind.", "</s>"]
+    assert tiny.key_token_signs(pieces) == [0, 0, 0, -1, -1, 0, 1, 0]
+
+
+def test_mixed_pairs_hold_one_wrong_key_word_per_side_and_leave_other_variants_alone():
+    rows = tiny.make_pairs(40, seed=9, variant="mixed")
+    independent = tiny.make_pairs(40, seed=9)
+    for row, plain in zip(rows, independent):
+        for side, n_good in (("chosen", tiny.N_SLOTS - 1), ("rejected", 1)):
+            words = tiny.parse_answer(row[side])["key_words"]
+            assert sum(w in tiny.GOOD_WORDS for w in words) == n_good, row[side]
+        assert tiny.ground_truth_reward(row["chosen"]) == 0.5 and tiny.ground_truth_reward(row["rejected"]) == -0.5
+    assert rows == tiny.make_pairs(40, seed=9, variant="mixed")
+    assert independent != rows and all(tiny.ground_truth_reward(r["chosen"]) == 1.0 for r in independent)
+
+
 def test_label_noise_flips_exactly_the_asked_fraction_and_nothing_else():
     clean = tiny.make_pairs(50, seed=7)
     noisy = tiny.make_pairs(50, seed=7, label_noise=0.2)

@@ -57,7 +57,7 @@ METHODS = {
     "w2s_simpo_nll": dict(_SIMPO, nll=1.0, policy="strong"),
 }
 QUICK_METHODS = ["sepo", "sepo_random", "sepo_truth", "dpo_nll", "simpo", "w2s_sepo"]
-GRID = {"lr": [3e-4, 1e-3, 3e-3], "sepo_beta": [1.0, 2.5], "dpo_beta": [0.1, 0.5]}
+GRID = {"lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "sepo_beta": [1.0, 2.5], "dpo_beta": [0.1, 0.5]}
 OBJECTIVE = ("mean over validation samples of the ground-truth reward, a malformed answer (not "
              "tiny.is_well_formed) counting as -1")
 SETTINGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_settings.json")
@@ -238,9 +238,10 @@ class Demo:
         return jobs
 
     def write_truth_scores(self, seed):
-        """The truth control's scores dir: the oracle's scores dir with each score replaced by the planted
-        key-token mask (chosen +1, rejected -1 on key tokens, 0 elsewhere), so that selection keeps key tokens
-        first; same ids, manifest and flags, so it trains exactly like SePO."""
+        """The truth control's scores dir: the oracle's scores dir with each score replaced by the task's true token
+        reward, ``tiny.key_token_signs`` (+1 on a good key word, -1 on a bad one, 0 elsewhere), so that selection
+        keeps good key tokens of chosen and bad ones of rejected first; same ids, manifest and flags, so it trains
+        exactly like SePO."""
         import shutil
 
         import pyarrow as pa
@@ -255,9 +256,9 @@ class Demo:
             table = pq.read_table(os.path.join(src, "data", name))
             rows = table.to_pylist()
             for row in rows:
-                for side, sign in (("chosen", 1.0), ("rejected", -1.0)):
+                for side in ("chosen", "rejected"):
                     pieces = tok.convert_ids_to_tokens(row[f"{side}_input_ids"][row["prompt_len"]:])
-                    row[f"{side}_scores"] = [sign * float(x) for x in tiny.key_token_mask(pieces)]
+                    row[f"{side}_scores"] = [float(x) for x in tiny.key_token_signs(pieces)]
             pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), os.path.join(dst, "data", name))
         shutil.copy(os.path.join(src, "manifest.json"), os.path.join(dst, "manifest.json"))
 
@@ -320,9 +321,10 @@ class Demo:
 
     # --- selection quality and token counts -----------------------------------------------------------
     def selection_stats(self, seed):
-        """Per selective run: precision / recall of its training selection against the planted key tokens,
+        """Per selective run: precision / recall of its training selection against the planted key tokens of the
+        side's sign (good key words in chosen answers, bad ones in rejected: the tokens the preference is about),
         and per run the response tokens whose log-probs enter its loss (all epochs); the oracle's precision /
-        recall at each k of K_VALUES; the key-token base rate."""
+        recall at each k of K_VALUES; the base rate of those key tokens among response tokens."""
         import numpy as np
         from transformers import AutoTokenizer
 
@@ -337,10 +339,10 @@ class Demo:
 
         base = dataset("scores", 1.0, "per_response", True)
         key = {}
-        for side in ("chosen", "rejected"):
+        for side, sign in (("chosen", 1), ("rejected", -1)):
             ids = base.data[f"{side}_input_ids"]
-            key[side] = np.concatenate([tiny.key_token_mask(tok.convert_ids_to_tokens(row[p:]))
-                                        for row, p in zip(ids, base.prompt_lens)]).astype(bool)
+            key[side] = np.concatenate([tiny.key_token_signs(tok.convert_ids_to_tokens(row[p:]))
+                                        for row, p in zip(ids, base.prompt_lens)]) == sign
         n_key = sum(int(v.sum()) for v in key.values())
         n_tokens = sum(len(v) for v in key.values())
 
