@@ -34,8 +34,8 @@ from openrlhf_sepo import tiny
 
 # Each method: which trainer, which token scores and selection, which SFT model it starts from.
 # sepo is this package's default SePO: common prefix excluded and OpenRLHF's NLL term on the chosen response
-# (what the sweep showed keeps the answer format); sepo_no_nll drops the NLL term, sepo_paper is the published
-# method (prefix kept, no NLL). The controls sepo_random / sepo_truth differ from sepo in the selection alone.
+# (what the sweep showed keeps the answer format); sepo_keep_prefix keeps the prefix selectable, sepo_no_nll drops
+# the NLL term, sepo_paper is the published method (prefix kept, no NLL). The controls sepo_random / sepo_truth differ from sepo in the selection alone.
 # simpo is SimPO (all tokens, prefix kept); *_nll add the same NLL term to DPO / SimPO; w2s_*: the strong
 # policy trained from the weak oracle's scores (SePO) or on the same pairs (DPO, SimPO).
 _SEPO = dict(trainer="sepo", scores="oracle", k=0.3, selection="per_response", keep_prefix=False, nll=1.0,
@@ -44,6 +44,7 @@ _DPO = dict(trainer="dpo", nll=0.0, policy="weak")
 _SIMPO = dict(_SEPO, k=1.0, keep_prefix=True, nll=0.0)
 METHODS = {
     "sepo": _SEPO,
+    "sepo_keep_prefix": dict(_SEPO, keep_prefix=True),
     "sepo_no_nll": dict(_SEPO, nll=0.0),
     "sepo_paper": dict(_SEPO, keep_prefix=True, nll=0.0),
     "sepo_random": dict(_SEPO, selection="random"),

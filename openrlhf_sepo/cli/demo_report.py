@@ -19,10 +19,11 @@ LABELS = {"ground_truth_reward": "ground truth", "format_validity": "format vali
           "selection_precision": "selection precision", "training_tokens": "training tokens"}
 # Paired comparisons read in the report: (a, b) -> a - b in ground truth, seed by seed.
 COMPARISONS = [("sepo", "dpo_nll"), ("sepo", "simpo_nll"), ("sepo", "sepo_random"), ("sepo_truth", "sepo"),
-               ("sepo", "sepo_no_nll"), ("sepo_no_nll", "sepo_paper"), ("sepo_no_nll", "dpo"),
+               ("sepo", "sepo_keep_prefix"), ("sepo", "sepo_no_nll"),
+               ("sepo_no_nll", "sepo_paper"), ("sepo_no_nll", "dpo"),
                ("sepo_no_nll", "simpo"), ("w2s_sepo", "w2s_dpo_nll"), ("w2s_sepo", "w2s_simpo_nll")]
-COLORS = {"sepo": "tab:green", "sepo_no_nll": "tab:cyan", "sepo_paper": "olive", "sepo_random": "tab:gray", "sepo_truth": "black",
-          "dpo": "tab:blue", "simpo": "tab:orange"}
+COLORS = {"sepo": "tab:green", "sepo_keep_prefix": "tab:brown", "sepo_no_nll": "tab:cyan", "sepo_paper": "olive",
+          "sepo_random": "tab:gray", "sepo_truth": "black", "dpo": "tab:blue", "simpo": "tab:orange"}
 
 
 def _style(method):
