@@ -136,9 +136,9 @@ class TokenScoreDataset(Dataset):
         exclude_common_prefix: the pair's common prefix, its first P response tokens equal in chosen and rejected
             (same context, same token, so the same score and no preference signal), is ineligible on both sides:
             response position j is eligible iff j >= min(P, N - 1) for a response of N tokens (the cap keeps the
-            last token eligible, so E >= 1 even when one response is a prefix of the other). False: every
-            response token is eligible, as in published SePO, which then pushes a shared token up on one side
-            with nothing opposing it on the other.
+            last token eligible, so E >= 1 even when one response is a prefix of the other). False (default, as
+            published SePO): every response token is eligible. Off by default because the benchmark
+            (docs/benchmark.md) measured no gain from it: none with the NLL term, a loss without it.
         seed: seed of the ``random`` selection (train_sepo passes ``--train.seed``); unused by the other modes.
         max_samples: at most this many rows per scores dir and in total (as OpenRLHF's ``--data.max_samples``).
 
@@ -159,7 +159,7 @@ class TokenScoreDataset(Dataset):
         k_rejected: float = 0.3,
         selection: str = "per_response",
         max_samples: int = 100000000,
-        exclude_common_prefix: bool = True,
+        exclude_common_prefix: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()

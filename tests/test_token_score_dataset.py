@@ -265,7 +265,8 @@ def masks(ds):
 @pytest.mark.parametrize("selection", ["per_response", "global", "random"])
 def test_common_prefix_is_never_selected(prefix_pairs, prefix_dirs, selection, capsys):
     tokenizer, rows, kinds = prefix_pairs
-    ds = TokenScoreDataset(prefix_dirs[0], tokenizer, 128, k_chosen=0.3, k_rejected=0.3, selection=selection)
+    ds = TokenScoreDataset(prefix_dirs[0], tokenizer, 128, k_chosen=0.3, k_rejected=0.3, selection=selection,
+                           exclude_common_prefix=True)
     assert ds.common_prefix.tolist() == [common_prefix(*row) for row in rows]
     excluded = sum(first_eligible(*row, side) for row in rows for side in ("chosen", "rejected"))
     with_prefix = sum(common_prefix(*row) > 0 for row in rows)

@@ -97,7 +97,7 @@ def test_two_rank_launcher_run_raises_selected_margin(tiny_dir, tiny_pairs, trai
     assert margin[-1] > margin[0] + 0.2
     for (_, c), (_, r), (_, m) in zip(logs["train/chosen_logps"], logs["train/rejected_logps"], logs["train/margin"]):
         assert m == pytest.approx(c - r, abs=1e-4)
-    # k = 0.3 of each response's eligible tokens, floor'd: the common prefix (excluded by default) lowers the share
+    # k = 0.3 of each response, floor'd (n = max(1, floor(0.3 * N)) lies below 0.3 for short responses)
     assert all(0.15 < v < 0.35 for _, v in logs["train/selected_frac"])
 
 
@@ -163,19 +163,19 @@ def test_parser_keeps_train_dpo_names_and_defaults():
     for dest, value in {"train.micro_batch_size": 8, "train.batch_size": 128, "adam.lr": 1e-5, "ds.zero_stage": 2,
                         "data.max_len": 512, "train.max_epochs": 1, "model.nll_loss_coef": 1.0, "local_rank": -1,
                         "sepo.k_chosen": 0.3, "sepo.k_rejected": 0.3, "sepo.selection": "per_response",
-                        "sepo.beta": 1.0, "sepo.gamma": 0.0, "sepo.keep_common_prefix": False}.items():
+                        "sepo.beta": 1.0, "sepo.gamma": 0.0, "sepo.exclude_common_prefix": False}.items():
         assert defaults[dest] == value, dest
 
 
 @pytest.mark.parametrize("flags,selection,exclude,seed", [
-    ([], "per_response", True, 42),
-    (["--sepo.selection", "random", "--train.seed", "7"], "random", True, 7),
-    (["--sepo.selection", "global", "--sepo.keep_common_prefix"], "global", False, 42),
-    (["--sepo.selection", "random", "--sepo.keep_common_prefix"], "random", False, 42),
+    ([], "per_response", False, 42),
+    (["--sepo.selection", "random", "--train.seed", "7"], "random", False, 7),
+    (["--sepo.selection", "global", "--sepo.exclude_common_prefix"], "global", True, 42),
+    (["--sepo.selection", "random", "--sepo.exclude_common_prefix"], "random", True, 42),
 ])
 def test_selection_flags_reach_the_dataset(tiny_dir, tiny_pairs, write_scores, tmp_path, flags, selection, exclude,
                                           seed):
-    """--sepo.selection, --sepo.keep_common_prefix and --train.seed (the random selection's seed) are what
+    """--sepo.selection, --sepo.exclude_common_prefix and --train.seed (the random selection's seed) are what
     train() hands TokenScoreDataset, and the masks are the ones that dataset makes by itself."""
     from openrlhf_sepo.cli import train_sepo
     from openrlhf_sepo.datasets import TokenScoreDataset

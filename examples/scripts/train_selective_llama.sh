@@ -2,9 +2,9 @@
 # SePO step 5, the policy: train on the selected key tokens only, no reference model (openrlhf_sepo.cli.train_sepo).
 # Reads the token scores written by score_tokens_llama.sh; k_chosen / k_rejected / selection are picked here, at
 # train time, without re-scoring. Published setup: TinyLlama SFT policy, SimPO-style loss on 30% of the tokens
-# (beta 1, gamma 0), lr 5e-7, 1 epoch, global batch 128, micro batch 1, max_len 4096, bf16, ZeRO-3. Two defaults of
-# train_sepo differ from the paper (docs/sepo.md): the pair's common prefix is never selected, and OpenRLHF's NLL
-# term on the chosen response is on; `--model.nll_loss_coef 0 --sepo.keep_common_prefix` is the published objective.
+# (beta 1, gamma 0), lr 5e-7, 1 epoch, global batch 128, micro batch 1, max_len 4096, bf16, ZeRO-3. One default of
+# train_sepo differs from the paper (docs/sepo.md): OpenRLHF's NLL term on the chosen response is on;
+# `--model.nll_loss_coef 0` is the published objective.
 # Arguments after the script name override the defaults; SEPO_DEVICE=cpu runs on CPU ranks (launch_common.sh).
 set -euo pipefail
 MODULE=openrlhf_sepo.cli.train_sepo

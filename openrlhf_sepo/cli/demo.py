@@ -33,20 +33,20 @@ import openrlhf_sepo  # noqa: F401  (flash-attn kernel placeholder before OpenRL
 from openrlhf_sepo import tiny
 
 # Each method: which trainer, which token scores and selection, which SFT model it starts from.
-# sepo is this package's default SePO: common prefix excluded and OpenRLHF's NLL term on the chosen response
-# (what the sweep showed keeps the answer format); sepo_keep_prefix keeps the prefix selectable, sepo_no_nll drops
-# the NLL term, sepo_paper is the published method (prefix kept, no NLL). The controls sepo_random / sepo_truth differ from sepo in the selection alone.
-# simpo is SimPO (all tokens, prefix kept); *_nll add the same NLL term to DPO / SimPO; w2s_*: the strong
-# policy trained from the weak oracle's scores (SePO) or on the same pairs (DPO, SimPO).
-_SEPO = dict(trainer="sepo", scores="oracle", k=0.3, selection="per_response", keep_prefix=False, nll=1.0,
+# sepo is this package's default SePO: the published selection and loss plus OpenRLHF's NLL term on the chosen
+# response (what the sweep showed keeps the answer format); sepo_paper is the published method (no NLL). The
+# *_exclude_prefix rows never select the pair's common prefix. The controls sepo_random / sepo_truth differ from
+# sepo in the selection alone. simpo is SimPO (all tokens); *_nll add the same NLL term to DPO / SimPO; w2s_*:
+# the strong policy trained from the weak oracle's scores (SePO) or on the same pairs (DPO, SimPO).
+_SEPO = dict(trainer="sepo", scores="oracle", k=0.3, selection="per_response", keep_prefix=True, nll=1.0,
              policy="weak")
 _DPO = dict(trainer="dpo", nll=0.0, policy="weak")
-_SIMPO = dict(_SEPO, k=1.0, keep_prefix=True, nll=0.0)
+_SIMPO = dict(_SEPO, k=1.0, nll=0.0)
 METHODS = {
     "sepo": _SEPO,
-    "sepo_keep_prefix": dict(_SEPO, keep_prefix=True),
-    "sepo_no_nll": dict(_SEPO, nll=0.0),
-    "sepo_paper": dict(_SEPO, keep_prefix=True, nll=0.0),
+    "sepo_exclude_prefix": dict(_SEPO, keep_prefix=False),
+    "sepo_paper": dict(_SEPO, nll=0.0),
+    "sepo_paper_exclude_prefix": dict(_SEPO, nll=0.0, keep_prefix=False),
     "sepo_random": dict(_SEPO, selection="random"),
     "sepo_truth": dict(_SEPO, scores="truth"),
     "dpo": _DPO,
@@ -278,7 +278,7 @@ class Demo:
             scores = self.seed_path(seed, "scores" if spec["scores"] == "oracle" else "scores_truth")
             args += ["--data.dataset", scores, "--sepo.k_chosen", str(spec["k"]), "--sepo.k_rejected",
                      str(spec["k"]), "--sepo.selection", spec["selection"], "--sepo.gamma", "0.0"]
-            args += ["--sepo.keep_common_prefix"] if spec["keep_prefix"] else []
+            args += [] if spec["keep_prefix"] else ["--sepo.exclude_common_prefix"]
             return self.job(seed, name, "openrlhf_sepo.cli.train_sepo", args)
         args += ["--ref.model_name_or_path", init, "--data.dataset", d("policy_pairs.jsonl"), *CHAT]
         return self.job(seed, name, "openrlhf.cli.train_dpo", args)
@@ -369,7 +369,7 @@ class Demo:
             nll_tokens = len(key["chosen"]) + int(ds.selected["rejected"].sum())
             stats["training_tokens"][method] = (nll_tokens if spec["nll"] else picked) * epochs
         for k in K_VALUES:
-            precision, recall, _ = quality(dataset("scores", k, "per_response", False))
+            precision, recall, _ = quality(dataset("scores", k, "per_response", True))
             stats["oracle_precision"][str(k)], stats["oracle_recall"][str(k)] = precision, recall
         return stats
 

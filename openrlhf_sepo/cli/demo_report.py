@@ -19,10 +19,11 @@ LABELS = {"ground_truth_reward": "ground truth", "format_validity": "format vali
           "selection_precision": "selection precision", "training_tokens": "training tokens"}
 # Paired comparisons read in the report: (a, b) -> a - b in ground truth, seed by seed.
 COMPARISONS = [("sepo", "dpo_nll"), ("sepo", "simpo_nll"), ("sepo", "sepo_random"), ("sepo_truth", "sepo"),
-               ("sepo", "sepo_keep_prefix"), ("sepo", "sepo_no_nll"),
-               ("sepo_no_nll", "sepo_paper"), ("sepo_no_nll", "dpo"),
-               ("sepo_no_nll", "simpo"), ("w2s_sepo", "w2s_dpo_nll"), ("w2s_sepo", "w2s_simpo_nll")]
-COLORS = {"sepo": "tab:green", "sepo_keep_prefix": "tab:brown", "sepo_no_nll": "tab:cyan", "sepo_paper": "olive",
+               ("sepo", "sepo_paper"), ("sepo_exclude_prefix", "sepo"), ("sepo_paper_exclude_prefix", "sepo_paper"),
+               ("sepo_paper", "dpo"), ("sepo_paper", "simpo"), ("w2s_sepo", "w2s_dpo_nll"),
+               ("w2s_sepo", "w2s_simpo_nll")]
+COLORS = {"sepo": "tab:green", "sepo_exclude_prefix": "tab:brown", "sepo_paper_exclude_prefix": "tab:cyan",
+          "sepo_paper": "olive",
           "sepo_random": "tab:gray", "sepo_truth": "black", "dpo": "tab:blue", "simpo": "tab:orange"}
 
 
@@ -130,8 +131,8 @@ def _markdown(demo, evaluations, models, summary, metrics, wall):
         lines.append(f"| {name} | {_fmt(d['mean'], hw, signed=True)} | {reading} |")
     lines += [
         "", "## Selection against the planted key tokens", "",
-        f"Key tokens are {metrics['key_token_base_rate']:.1%} of response tokens. The oracle's per-response "
-        "selection (common prefix excluded), by k:", "",
+        f"Key tokens of the side's sign (good words in chosen answers, bad ones in rejected) are "
+        f"{metrics['key_token_base_rate']:.1%} of response tokens. The oracle's per-response selection, by k:", "",
         "| k | precision | recall |", "|---|---|---|",
         *[f"| {k} | {metrics['oracle_selection']['precision'][k]:.3f} | {metrics['oracle_selection']['recall'][k]:.3f} |"
           for k in metrics["oracle_selection"]["precision"]],

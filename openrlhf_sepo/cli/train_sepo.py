@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="per_response: each response's top-k share (the paper); global: one score threshold per side over "
              "the data set; random: per_response's counts at random positions (--train.seed), a control for "
              "whether the oracle's choice matters")
-    add("--sepo.keep_common_prefix", action="store_true", default=False,
-        help="let the selection pick the response tokens that chosen and rejected share at their start (published "
-             "SePO); default: excluded, since identical tokens in identical context carry no preference signal")
+    add("--sepo.exclude_common_prefix", action="store_true", default=False,
+        help="never select the response tokens that chosen and rejected share at their start (identical tokens in "
+             "identical context carry no preference signal); off by default: the benchmark measured no gain")
     add("--sepo.beta", type=float, default=1.0, help="scale of the selected-token log-prob margin, > 0")
     add("--sepo.gamma", type=float, default=0.0, help="target margin")
     add("--sepo.full_logits", action="store_true", default=False,
@@ -163,7 +163,7 @@ def _score_dataset(spec, tokenizer, strategy, args, max_samples):
     return TokenScoreDataset(
         spec, tokenizer, args.data.max_len, strategy,
         k_chosen=args.sepo.k_chosen, k_rejected=args.sepo.k_rejected, selection=args.sepo.selection,
-        max_samples=max_samples, exclude_common_prefix=not args.sepo.keep_common_prefix, seed=args.train.seed,
+        max_samples=max_samples, exclude_common_prefix=args.sepo.exclude_common_prefix, seed=args.train.seed,
     )
 
 
