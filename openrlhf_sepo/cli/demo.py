@@ -38,15 +38,15 @@ from openrlhf_sepo import tiny
 # *_exclude_prefix rows never select the pair's common prefix. The controls sepo_random / sepo_truth differ from
 # sepo in the selection alone. simpo is SimPO (all tokens); *_nll add the same NLL term to DPO / SimPO; w2s_*:
 # the strong policy trained from the weak oracle's scores (SePO) or on the same pairs (DPO, SimPO).
-_SEPO = dict(trainer="sepo", scores="oracle", k=0.3, selection="per_response", keep_prefix=True, nll=1.0,
+_SEPO = dict(trainer="sepo", scores="oracle", k=0.3, selection="per_response", exclude_prefix=False, nll=1.0,
              policy="weak")
 _DPO = dict(trainer="dpo", nll=0.0, policy="weak")
 _SIMPO = dict(_SEPO, k=1.0, nll=0.0)
 METHODS = {
     "sepo": _SEPO,
-    "sepo_exclude_prefix": dict(_SEPO, keep_prefix=False),
+    "sepo_exclude_prefix": dict(_SEPO, exclude_prefix=True),
     "sepo_paper": dict(_SEPO, nll=0.0),
-    "sepo_paper_exclude_prefix": dict(_SEPO, nll=0.0, keep_prefix=False),
+    "sepo_paper_exclude_prefix": dict(_SEPO, nll=0.0, exclude_prefix=True),
     "sepo_random": dict(_SEPO, selection="random"),
     "sepo_truth": dict(_SEPO, scores="truth"),
     "dpo": _DPO,
@@ -278,7 +278,7 @@ class Demo:
             scores = self.seed_path(seed, "scores" if spec["scores"] == "oracle" else "scores_truth")
             args += ["--data.dataset", scores, "--sepo.k_chosen", str(spec["k"]), "--sepo.k_rejected",
                      str(spec["k"]), "--sepo.selection", spec["selection"], "--sepo.gamma", "0.0"]
-            args += [] if spec["keep_prefix"] else ["--sepo.exclude_common_prefix"]
+            args += ["--sepo.exclude_common_prefix"] if spec["exclude_prefix"] else []
             return self.job(seed, name, "openrlhf_sepo.cli.train_sepo", args)
         args += ["--ref.model_name_or_path", init, "--data.dataset", d("policy_pairs.jsonl"), *CHAT]
         return self.job(seed, name, "openrlhf.cli.train_dpo", args)
@@ -334,11 +334,11 @@ class Demo:
         tok = AutoTokenizer.from_pretrained(self.seed_path(seed, "models", "sft"))
         strategy = DataStrategy(None, quiet=True)
 
-        def dataset(scores, k, selection, keep_prefix):
+        def dataset(scores, k, selection, exclude_prefix):
             return TokenScoreDataset(self.seed_path(seed, scores), tok, 128, strategy, k_chosen=k, k_rejected=k,
-                                     selection=selection, exclude_common_prefix=not keep_prefix, seed=seed)
+                                     selection=selection, exclude_common_prefix=exclude_prefix, seed=seed)
 
-        base = dataset("scores", 1.0, "per_response", True)
+        base = dataset("scores", 1.0, "per_response", False)
         key = {}
         for side, sign in (("chosen", 1), ("rejected", -1)):
             ids = base.data[f"{side}_input_ids"]
@@ -361,7 +361,7 @@ class Demo:
                 stats["training_tokens"][method] = n_tokens * epochs
                 continue
             ds = dataset("scores" if spec["scores"] == "oracle" else "scores_truth", spec["k"], spec["selection"],
-                         spec["keep_prefix"])
+                         spec["exclude_prefix"])
             precision, recall, picked = quality(ds)
             if spec["k"] < 1.0:
                 stats["precision"][method], stats["recall"][method] = precision, recall
@@ -369,7 +369,7 @@ class Demo:
             nll_tokens = len(key["chosen"]) + int(ds.selected["rejected"].sum())
             stats["training_tokens"][method] = (nll_tokens if spec["nll"] else picked) * epochs
         for k in K_VALUES:
-            precision, recall, _ = quality(dataset("scores", k, "per_response", True))
+            precision, recall, _ = quality(dataset("scores", k, "per_response", False))
             stats["oracle_precision"][str(k)], stats["oracle_recall"][str(k)] = precision, recall
         return stats
 

@@ -149,7 +149,7 @@ def _markdown(demo, evaluations, models, summary, metrics, wall):
     for m in demo.methods:
         spec, s = METHODS[m], demo.settings[m]
         sel = f"{spec.get('selection')} ({spec.get('scores')})" if spec["trainer"] == "sepo" else "-"
-        prefix = ("kept" if spec.get("keep_prefix") else "excluded") if spec["trainer"] == "sepo" else "-"
+        prefix = ("excluded" if spec.get("exclude_prefix") else "selectable") if spec["trainer"] == "sepo" else "-"
         lines.append(f"| {m} | {s['lr']:g} | {s['beta']:g} | {spec['trainer']} | {sel} | {spec.get('k', '-')} | "
                      f"{prefix} | {spec['nll']:g} | {spec['policy']} |")
     lines += ["", f"## Sample answers (seed {seeds[0]}, test prompts)", ""]
