@@ -13,7 +13,8 @@
   ``mixed`` (independent, but chosen holds one bad key word and rejected one good one), each optionally with
   label noise (a fraction of pairs flipped).
 - ``write_sft_data`` (UltraChat-style message lists), ``write_preference_data`` (UltraFeedback-binarized
-  shape or plain strings), as JSONL that OpenRLHF's ``--data.dataset`` reads.
+  shape or plain strings), ``write_ranked_lists`` (a prompt, K answers, their ground-truth scores), as JSONL that
+  OpenRLHF's ``--data.dataset`` reads.
 """
 
 import json
@@ -136,6 +137,25 @@ def make_pairs(n: int, seed: int = 0, variant: str = "independent", label_noise:
     return rows
 
 
+def make_ranked_lists(n: int, k: int = 4, seed: int = 0):
+    """n ranked-list rows ``{"prompt", "responses": [k answers], "scores": [k floats]}``: each answer has its own
+    filler and a random number of good key words (the rest bad), scored by ``ground_truth_reward``, so ties occur
+    (two answers with as many good words). Deterministic in (n, k, seed)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(TOPICS)
+        responses = []
+        for _ in range(k):
+            n_good = rng.randint(0, N_SLOTS)
+            words = rng.sample(GOOD_WORDS, n_good) + rng.sample(BAD_WORDS, N_SLOTS - n_good)
+            rng.shuffle(words)
+            responses.append(_response(rng, topic, words))
+        rows.append({"prompt": _prompt(topic), "responses": responses,
+                     "scores": [ground_truth_reward(r) for r in responses]})
+    return rows
+
+
 _ANSWER = re.compile(r"The ([a-z]+) is ([a-z]+(?: [a-z]+)*)\. My note is ([a-z]+(?: [a-z]+)*)\.")
 
 
@@ -225,6 +245,12 @@ def write_preference_data(
         else:
             raise ValueError(f"shape must be 'ultrafeedback' or 'plain', got {shape!r}")
     return _write_jsonl(path, rows)
+
+
+def write_ranked_lists(path: str, n: int = 32, k: int = 4, seed: int = 0) -> str:
+    """``make_ranked_lists(n, k, seed)`` as JSONL (use ``--data.prompt_key prompt``, with or without
+    ``--data.apply_chat_template``: plain strings are wrapped as user / assistant messages)."""
+    return _write_jsonl(path, make_ranked_lists(n, k, seed))
 
 
 def _corpus():

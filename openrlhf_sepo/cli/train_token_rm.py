@@ -1,0 +1,240 @@
+"""``python -m openrlhf_sepo.cli.train_token_rm`` (or ``deepspeed --module ...``): a token-level reward model
+learned from ranked lists with ListMLE (preference-grounded token-level guidance; formulas in ``token_rm.py``).
+
+OpenRLHF's ``train_rm`` with the flags that apply, same names and defaults, minus the pairwise-loss flags
+(``--model.loss_type``, ``--model.margin_loss_enable``, ``--model.compute_fp32_loss_enable``) and packing, ring
+attention, LoRA and 4-bit loading (not supported by the per-position forward here), plus ``--token_rm.*`` and the
+ranked-list columns ``--data.responses_key`` / ``--data.scores_key``. ``--data.dataset`` / ``--eval.dataset``
+hold ranked lists or ordinary preference pairs (lists of two); responses are tokenized as ``train_dpo`` tokenizes
+a chosen response. The saved model is OpenRLHF's critic-type value-head model; its config records
+``value_head_prefix`` and ``token_rm`` (activation, aggregation, tau), which ``score_tokens --scorer token_rm``
+reads.
+"""
+
+import argparse
+import math
+import os
+import sys
+from datetime import datetime
+
+from openrlhf_sepo.token_rm import ACTIVATIONS, AGGREGATIONS, CONFIG_KEY
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The train_token_rm argument parser (flat dotted names, as OpenRLHF's; ``hierarchize`` nests them)."""
+    parser = argparse.ArgumentParser(prog="train_token_rm", description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    # Checkpoints
+    add("--ckpt.output_dir", type=str, default="./ckpt")
+    add("--ckpt.save_steps", type=int, default=-1)
+    add("--ckpt.save_hf", action="store_true", default=False)
+    add("--ckpt.disable_ds", action="store_true", default=False)
+    add("--logger.logging_steps", type=int, default=1)
+    add("--eval.steps", type=int, default=-1)
+    add("--ckpt.path", type=str, default="./ckpt/checkpoints_token_rm")
+    add("--ckpt.max_num", type=int, default=3)
+    add("--ckpt.max_mem", type=int, default=int(1e8))
+    add("--ckpt.load_enable", action="store_true", default=False)
+    add("--ds.use_universal_ckpt", action="store_true", default=False)
+
+    # DeepSpeed
+    add("--model.gradient_checkpointing_enable", action="store_true", default=False)
+    add("--ds.deepcompile", action="store_true", default=False)
+    add("--train.seed", type=int, default=42)
+    add("--train.full_determinism_enable", action="store_true", default=False)
+    add("--local_rank", type=int, default=-1, help="local_rank for deepspeed")
+    add("--ds.zero_stage", type=int, default=2)
+    add("--ds.param_dtype", type=str, default="bf16", choices=["bf16", "fp16"])
+    add("--ds.zpg", type=int, default=1, help="ZeRO++ max partition size")
+    add("--ds.adam_offload", action="store_true", default=False)
+    add("--ds.attn_implementation", type=str, default="flash_attention_2")
+    add("--ds.experts_implementation", type=str, default=None, choices=["eager", "batched_mm", "grouped_mm", "deepgemm"])
+    add("--ds.grad_accum_dtype", type=str, default=None)
+    add("--ds.overlap_comm", action="store_true", default=False)
+    add("--model.gradient_checkpointing_reentrant", action="store_true", default=False)
+    add("--data.disable_fast_tokenizer", action="store_true", default=False)
+    add("--data.dataloader_num_workers", type=int, default=0)
+    add("--ds.tensor_parallel_size", type=int, default=1)
+
+    # Model
+    add("--model.model_name_or_path", type=str, default=None, help="backbone: a causal LM (e.g. the SFT model)")
+    add("--ds.value_head_prefix", type=str, default="score")
+
+    # Training (train_rm's defaults)
+    add("--train.max_epochs", type=int, default=1)
+    add("--model.aux_loss_coef", type=float, default=0, help="MoE balancing loss")
+    add("--train.micro_batch_size", type=int, default=1, help="lists per GPU")
+    add("--train.batch_size", type=int, default=128, help="global training batch size, in lists")
+
+    # Token reward model
+    add("--token_rm.activation", type=str, default="softplus", choices=list(ACTIVATIONS),
+        help="r = softplus(1 - softplus(1 - z)) in (0, 1.31), or sigmoid(z) in (0, 1)")
+    add("--token_rm.aggregation", type=str, default="avg", choices=list(AGGREGATIONS),
+        help="sequence score from token rewards: avg (Lbar * mean), sum, softmax / softmin (Lbar * soft max / min)")
+    add("--token_rm.tau", type=float, default=2.0, help="temperature of softmax / softmin, > 0")
+
+    # Optimizer + scheduler + grad clip (OpenRLHF's)
+    add("--optim", type=str, default="adam", choices=["adam", "muon"])
+    add("--muon.lr", type=float, default=0.02)
+    add("--muon.momentum", type=float, default=0.95)
+    add("--muon.ns_steps", type=int, default=5)
+    add("--muon.nesterov", action="store_true", default=True)
+    add("--muon.no_nesterov", dest="muon.nesterov", action="store_false")
+    add("--adam.lr", type=float, default=9e-6)
+    add("--adam.betas", type=float, nargs=2, default=(0.9, 0.95))
+    add("--adam.eps", type=float, default=1e-8)
+    add("--adam.weight_decay", type=float, default=0.0)
+    add("--lr_scheduler", type=str, default="cosine_with_min_lr")
+    add("--lr_warmup_ratio", type=float, default=0.03)
+    add("--min_lr_ratio", type=float, default=0.1)
+    add("--max_norm", type=float, default=1.0, help="Gradient clipping")
+
+    # Data: ranked lists (prompt, responses, scores) or preference pairs (chosen, rejected)
+    add("--data.dataset", type=str, default=None, help="ranked lists or preference pairs (OpenRLHF's syntax)")
+    add("--data.dataset_probs", type=str, default=None)
+    add("--eval.dataset", type=str, default=None, help="held-out lists: ranking accuracy, Kendall tau, ListMLE")
+    add("--data.dataset_split", type=str, default="train")
+    add("--eval.split", type=str, default="train")
+    add("--data.max_samples", type=int, default=1000000)
+    add("--data.prompt_key", type=str, default=None)
+    add("--data.chosen_key", type=str, default="chosen")
+    add("--data.rejected_key", type=str, default="rejected")
+    add("--data.responses_key", type=str, default="responses", help="ranked lists: the list of responses")
+    add("--data.scores_key", type=str, default="scores", help="ranked lists: one preference score per response")
+    add("--data.input_template", type=str, default=None)
+    add("--data.apply_chat_template", action="store_true", default=False)
+    add("--data.tokenizer_chat_template", type=str, default=None)
+    add("--data.max_len", type=int, default=512)
+
+    # Loggers
+    add("--logger.wandb.key", type=str, default=None)
+    add("--logger.wandb.org", type=str, default=None)
+    add("--logger.wandb.group", type=str, default=None)
+    add("--logger.wandb.project", type=str, default="openrlhf_train_token_rm")
+    add("--logger.wandb.run_name", type=str, default="token_rm_%s" % datetime.now().strftime("%m%dT%H:%M"))
+    add("--logger.tensorboard_dir", type=str, default=None)
+    add("--use_ms", action="store_true", default=False)
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse and check what can be checked without a model, so bad flags fail before any model loads."""
+    from openrlhf.utils.config import hierarchize
+
+    parser = build_parser()
+    args = hierarchize(parser.parse_args(argv))
+    if not args.model.model_name_or_path:
+        parser.error("--model.model_name_or_path is required")
+    if not args.data.dataset:
+        parser.error("--data.dataset is required (ranked lists or preference pairs)")
+    if not args.token_rm.tau > 0:
+        parser.error(f"--token_rm.tau must be > 0, got {args.token_rm.tau}")
+    if args.data.input_template and "{}" not in args.data.input_template:
+        parser.error(f"--data.input_template must contain '{{}}', got {args.data.input_template!r}")
+    # OpenRLHF's RewardModelTrainer and strategy read these; this entrypoint offers none of them.
+    args.ds.packing_samples, args.ds.ring_attn_size, args.ds.ring_attn_head_stride = False, 1, 1
+    return args
+
+
+def _lists(spec, probs, split, tokenizer, strategy, args, max_count, name):
+    from openrlhf.datasets.utils import blending_datasets
+
+    from openrlhf_sepo.token_rm_data import RankedListDataset
+
+    data = blending_datasets(spec, probs, strategy, args.train.seed, max_count=max_count, dataset_split=split)
+    data = data.select(range(min(max_count, len(data))))
+    return RankedListDataset(data, tokenizer, strategy, seed=args.train.seed, name=name)
+
+
+def train(args):
+    """train_rm's wiring with a critic-type (every position) value-head model, ranked lists and ListMLE."""
+    from openrlhf.models import get_llm_for_sequence_regression
+    from openrlhf.utils import get_strategy, get_tokenizer
+
+    from openrlhf_sepo.token_rm_data import ListDataError
+    from openrlhf_sepo.token_rm_trainer import TokenRewardModelTrainer
+
+    strategy = get_strategy(args)
+    strategy.setup_distributed()
+    use_fast = not args.data.disable_fast_tokenizer
+    # Data before the model, so that a bad file or flag fails in seconds.
+    tokenizer = get_tokenizer(args.model.model_name_or_path, None, "right", strategy, use_fast=use_fast)
+    train_dataset = _lists(args.data.dataset, args.data.dataset_probs, args.data.dataset_split, tokenizer, strategy,
+                           args, args.data.max_samples, "--data.dataset")
+    eval_dataset = None
+    if args.eval.dataset:
+        eval_dataset = _lists(args.eval.dataset, None, args.eval.split, tokenizer, strategy, args, 100000000,
+                              "--eval.dataset")
+    num_update_steps_per_epoch = len(train_dataset) // args.train.batch_size
+    if num_update_steps_per_epoch < 1:
+        raise ListDataError(f"{len(train_dataset)} training lists is fewer than one --train.batch_size "
+                         f"({args.train.batch_size})")
+
+    model = get_llm_for_sequence_regression(
+        args.model.model_name_or_path, "critic",
+        attn_implementation=args.ds.attn_implementation,
+        experts_implementation=args.ds.experts_implementation,
+        param_dtype=args.ds.param_dtype,
+        ds_config=strategy.get_ds_train_config(),
+        init_value_head=True,
+        value_head_prefix=args.ds.value_head_prefix,
+    )
+    # In the config from the start, so that every HF save (--ckpt.save_hf, the final one) can be scored.
+    model.config.value_head_prefix = args.ds.value_head_prefix
+    setattr(model.config, CONFIG_KEY, {"activation": args.token_rm.activation,
+                                       "aggregation": args.token_rm.aggregation, "tau": args.token_rm.tau})
+    tokenizer = get_tokenizer(args.model.model_name_or_path, model, "right", strategy, use_fast=use_fast)
+    strategy.print(model)
+    if args.model.gradient_checkpointing_enable:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant}
+        )
+
+    train_dataloader = strategy.setup_dataloader(
+        train_dataset, args.train.micro_batch_size, True, True, train_dataset.collate_fn,
+        num_workers=args.data.dataloader_num_workers,
+    )
+    eval_dataloader = None
+    if eval_dataset is not None:
+        eval_dataloader = strategy.setup_dataloader(
+            eval_dataset, args.train.micro_batch_size, True, False, eval_dataset.collate_fn, drop_last=False,
+            num_workers=args.data.dataloader_num_workers,
+        )
+
+    max_steps = math.ceil(args.train.max_epochs * num_update_steps_per_epoch)
+    cfg = dict(optim=args.optim, muon=vars(args.muon), adam=vars(args.adam), lr_scheduler=args.lr_scheduler,
+               lr_warmup_ratio=args.lr_warmup_ratio, min_lr_ratio=args.min_lr_ratio, max_norm=args.max_norm,
+               scheduler_steps=max_steps)
+    model, optim, scheduler = strategy.prepare((model, cfg))
+
+    consumed_samples = 0
+    if args.ckpt.load_enable and os.path.exists(args.ckpt.path):
+        load_path, states = strategy.load_ckpt(model, args.ckpt.path)
+        if load_path is not None:
+            consumed_samples = states["consumed_samples"]
+            strategy.print(f"Loaded the checkpoint: {args.ckpt.path}, consumed_samples: {consumed_samples}")
+    os.makedirs(args.ckpt.output_dir, exist_ok=True)
+
+    trainer = TokenRewardModelTrainer(
+        model=model, strategy=strategy, optim=optim, train_dataloader=train_dataloader,
+        eval_dataloader=eval_dataloader, scheduler=scheduler, tokenizer=tokenizer,
+        activation=args.token_rm.activation, aggregation=args.token_rm.aggregation, tau=args.token_rm.tau,
+        max_norm=args.max_norm, max_epochs=args.train.max_epochs, save_hf_ckpt=args.ckpt.save_hf,
+        disable_ds_ckpt=args.ckpt.disable_ds,
+    )
+    trainer.fit(args, consumed_samples, num_update_steps_per_epoch)
+    strategy.save_model(model, tokenizer, args.ckpt.output_dir)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from openrlhf_sepo.token_rm_data import ListDataError
+
+    try:
+        train(args)
+    except ListDataError as e:  # bad data or too little of it: the message names the flag
+        sys.exit(f"train_token_rm: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
