@@ -147,7 +147,7 @@ img {{ width: 100%; background: white; border: 1px solid #e3e7ee; border-radius:
 .sel-rejected {{ box-shadow: inset 0 -3px 0 {rejected}; font-weight: 600; }}
 </style></head><body>
 <h1>SePO token scores</h1>
-<p class="sub">oracle <code>{oracle}</code> &minus; reference <code>{ref}</code> &middot; data <code>{data}</code></p>
+<p class="sub">{scorer} &middot; data <code>{data}</code></p>
 <div class="cards">{cards}</div>
 <img src="scores.png" alt="histograms of token scores">
 <div class="legend">score <span>&minus;{scale:.2f}</span><div class="bar"></div><span>+{scale:.2f}</span>
@@ -202,9 +202,13 @@ def write_report(scores_dir, out_dir=None, k=0.3, num_pairs=12, seed=0):
         (f"{manifest.get('timing', {}).get('tokens_per_s', 0):.0f}", "tokens / s (last run)"),
     ]
     cards = "".join(f"<div class='card'><b>{html.escape(v)}</b><span>{html.escape(t)}</span></div>" for v, t in card_values)
+    if manifest.get("scorer", "oracle_ref") == "token_rm":
+        scorer = f"token reward model <code>{html.escape(manifest['token_rm']['name_or_path'])}</code>"
+    else:
+        scorer = (f"oracle <code>{html.escape(manifest['oracle']['name_or_path'])}</code> &minus; reference "
+                  f"<code>{html.escape(manifest['ref']['name_or_path'])}</code>")
     page = PAGE.format(
-        title=html.escape(scores_dir), oracle=html.escape(manifest["oracle"]["name_or_path"]),
-        ref=html.escape(manifest["ref"]["name_or_path"]), data=html.escape(str(manifest["data"]["dataset"])),
+        title=html.escape(scores_dir), scorer=scorer, data=html.escape(str(manifest["data"]["dataset"])),
         cards=cards, scale=scale, k=k, pairs="\n".join(pairs), chosen=CHOSEN_COLOR, rejected=REJECTED_COLOR,
         neg=shade(-1, 1), pos=shade(1, 1),
     )

@@ -1,6 +1,9 @@
 """Score every response token of a preference data set with an oracle / reference pair (SePO step 3).
 
-    r(y_t) = log pi_oracle(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)     (fp32, every response token, EOS included)
+    --scorer oracle_ref (default):  r(y_t) = log pi_oracle(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)
+    --scorer token_rm:              r(y_t) = act(head(h_t)), a learned token reward model (token_rm.py), h_t its
+                                    last hidden state at y_t
+    (fp32, every response token, EOS included)
 
 Writes ``OUTPUT_DIR/data/shard-NNNNN.parquet`` (one row per kept pair: index, prompt_len, chosen_input_ids,
 rejected_input_ids, chosen_scores, rejected_scores) and ``OUTPUT_DIR/manifest.json`` (models, tokenizer,
@@ -12,9 +15,12 @@ written last) exists: a killed run resumes where it stopped, with any world size
 
     python -m openrlhf_sepo.cli.score_tokens --oracle.model_name_or_path DPO --ref.model_name_or_path SFT \\
         --data.dataset pairs.jsonl --data.apply_chat_template --output_dir scores
+    python -m openrlhf_sepo.cli.score_tokens --scorer token_rm --token_rm.model_name_or_path TOKEN_RM \\
+        --data.dataset pairs.jsonl --data.apply_chat_template --output_dir scores_rm
 """
 
 import argparse
+import functools
 import glob
 import hashlib
 import json
@@ -34,6 +40,7 @@ from openrlhf.utils.config import hierarchize
 
 from openrlhf_sepo.datasets import DataStrategy
 from openrlhf_sepo.scoring import select_key_tokens, token_scores, tokenizer_fingerprint
+from openrlhf_sepo.token_rm import ACTIVATIONS, CONFIG_KEY, load_token_rm, token_rewards
 
 FORMAT_VERSION = 1
 SKIP_REASONS = (
@@ -47,14 +54,32 @@ SKIP_REASONS = (
 SKIP_EXAMPLES_KEPT = 20  # per reason, with their messages, in the manifest
 # Test hook: SIGKILL this process after it has written this many shards (simulates a crash mid-run).
 KILL_AFTER_SHARDS_ENV = "SEPO_SCORE_KILL_AFTER_SHARDS"
+SCORERS = ("oracle_ref", "token_rm")
+# The manifest's formula per scorer; a token RM's z_t = value_head(h_t), h_t its last hidden state at y_t
+# (it has seen x and y_<=t), act the activation it was trained with (token_rm.activation).
+FORMULAS = {
+    "oracle_ref": "score_t = log pi_oracle(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t), fp32, every response token",
+    "softplus": "score_t = softplus(1 - softplus(1 - z_t)), z_t = value_head(h_t) of the token RM at y_t "
+                "(h_t has seen x, y_<=t), fp32, every response token",
+    "sigmoid": "score_t = sigmoid(z_t), z_t = value_head(h_t) of the token RM at y_t (h_t has seen x, y_<=t), "
+               "fp32, every response token",
+}
+ORACLE_REF_FLAGS = (("oracle", "--oracle.model_name_or_path (alias --dpo_model_path)"),
+                    ("ref", "--ref.model_name_or_path (alias --ref_model_path)"))
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--scorer", choices=SCORERS, default="oracle_ref",
+                   help="oracle_ref: log pi_oracle - log pi_ref (needs --oracle.* and --ref.*); token_rm: the token "
+                        "rewards of a train_token_rm checkpoint (needs --token_rm.model_name_or_path)")
+    # Not argparse-required: which of them is needed depends on --scorer (checked in parse_args).
     p.add_argument("--oracle.model_name_or_path", "--dpo_model_path", dest="oracle.model_name_or_path",
-                   required=True, help="oracle pi_o (the DPO model); alias --dpo_model_path")
+                   default=None, help="oracle pi_o (the DPO model); alias --dpo_model_path; --scorer oracle_ref only")
     p.add_argument("--ref.model_name_or_path", "--ref_model_path", dest="ref.model_name_or_path",
-                   required=True, help="reference pi_ref (the SFT model); alias --ref_model_path")
+                   default=None, help="reference pi_ref (the SFT model); alias --ref_model_path; --scorer oracle_ref only")
+    p.add_argument("--token_rm.model_name_or_path", dest="token_rm.model_name_or_path", default=None,
+                   help="a train_token_rm checkpoint (value-head model); --scorer token_rm only")
     p.add_argument("--output_dir", "--save_dir", dest="output_dir", required=True,
                    help="scores dir: data/*.parquet + manifest.json; alias --save_dir")
     p.add_argument("--overwrite", action="store_true", default=False,
@@ -90,7 +115,23 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    args = hierarchize(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = hierarchize(parser.parse_args(argv))
+    # Each scorer takes its own models and no other's: a model path that would be silently ignored is an error.
+    given = {name: getattr(args, name).model_name_or_path is not None for name in ("oracle", "ref", "token_rm")}
+    if args.scorer == "oracle_ref":
+        if given["token_rm"]:
+            parser.error("--token_rm.model_name_or_path is used only with --scorer token_rm: add --scorer token_rm "
+                         "(and drop --oracle.* / --ref.*)")
+        for name, flag in ORACLE_REF_FLAGS:
+            if not given[name]:
+                parser.error(f"{flag} is required with --scorer oracle_ref (the default)")
+    else:
+        if not given["token_rm"]:
+            parser.error("--token_rm.model_name_or_path is required with --scorer token_rm")
+        for name, flag in ORACLE_REF_FLAGS:
+            if given[name]:
+                parser.error(f"{flag} is not used with --scorer token_rm (the token reward model alone scores): drop it")
     try:
         args.k_perc = sorted({float(k) for k in args.k_perc.split(",") if k.strip()})
     except ValueError:
@@ -184,11 +225,14 @@ def _is_text(value, messages):
 # ----------------------------------------------------------------------------------------------- identity
 
 
-def model_identity(path):
+def model_identity(path, flag):
     """Path, config, and a cheap weights fingerprint (name, size, first and last MiB of every weight file)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    except (OSError, ValueError) as e:  # no such dir / no config.json / an unknown model type
+        raise SystemExit(f"{flag}: cannot read a model config from {path!r}: {e}")
     digest = hashlib.sha256()
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin")))
     for name in files:
@@ -206,6 +250,21 @@ def load_tokenizer(args, path, flag):
         return get_tokenizer(path, None, "right", None, use_fast=not args.data.disable_fast_tokenizer)
     except Exception as e:  # noqa: BLE001  (re-raised with the flag that named the path)
         raise SystemExit(f"{flag}: cannot load a tokenizer from {path!r}: {e}")
+
+
+def token_rm_settings(identity):
+    """The {"activation", "aggregation", "tau"} a train_token_rm checkpoint was trained with, from its config.
+
+    load_token_rm makes the same check, but only when it loads the weights; the manifest and the run id need the
+    settings before any model is loaded, so a path that is not a token RM fails here, before anything is written.
+    """
+    settings = identity["config"].get(CONFIG_KEY)
+    if not isinstance(settings, dict) or settings.get("activation") not in ACTIVATIONS:
+        raise SystemExit(
+            f"--token_rm.model_name_or_path {identity['name_or_path']!r} is not a train_token_rm checkpoint: its "
+            f"config.json has no '{CONFIG_KEY}' entry with an activation in {ACTIVATIONS} (got {settings!r})"
+        )
+    return settings
 
 
 def check_compatible(oracle_id, ref_id, oracle_tok, ref_tok):
@@ -248,8 +307,8 @@ def prepare_output_dir(out, run_id, overwrite, rank):
         return
     if (previous is not None and previous != run_id) or (previous is None and has_shards):
         raise SystemExit(
-            f"--output_dir {out} holds another run's scores (run_id {previous}, this run {run_id}: different models, "
-            "tokenizer, data flags or shard size); pass --overwrite to replace them, or pick another --output_dir"
+            f"--output_dir {out} holds another run's scores (run_id {previous}, this run {run_id}: different scorer, "
+            "models, tokenizer, data flags or shard size); pass --overwrite to replace them, or pick another --output_dir"
         )
 
 
@@ -348,7 +407,7 @@ def summarize(total, k_perc):
     }
     score_stats = {
         "chosen": side(total["chosen"]), "rejected": side(total["rejected"]),
-        # The oracle/ref pair's own pairwise accuracy: how often sum_t r(chosen) > sum_t r(rejected).
+        # The scorer's own pairwise accuracy: how often sum_t r(chosen) > sum_t r(rejected).
         "pair_accuracy": total["pairs_chosen_sum_higher"] / kept if kept else None,
     }
     selection = {}
@@ -385,7 +444,7 @@ def make_batches(items, micro_batch_size, max_tokens):
     return batches
 
 
-def score_batch(oracle, ref, batch, pad_id, device):
+def score_batch(scorer, batch, pad_id, device):
     """-> (chosen scores, rejected scores): lists of 1-D fp32 CPU tensors, one per pair, in batch order."""
     seqs = [it[2] for it in batch] + [it[3] for it in batch]
     width = max(len(s) for s in seqs)
@@ -395,11 +454,11 @@ def score_batch(oracle, ref, batch, pad_id, device):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     prompt_lens = [it[1] for it in batch] * 2
-    scores = token_scores(oracle, ref, ids.to(device), mask.to(device), prompt_lens, [len(s) for s in seqs])
+    scores = scorer(ids.to(device), mask.to(device), prompt_lens, [len(s) for s in seqs])
     return scores[: len(batch)], scores[len(batch) :]
 
 
-def score_shard(rows, first_index, row_tokenizer, oracle, ref, args, device, progress):
+def score_shard(rows, first_index, row_tokenizer, scorer, args, device, progress):
     """Tokenize, score and summarize one shard's rows -> (parquet records in index order, shard record)."""
     stats = new_stats(args.k_perc)
     started = time.perf_counter()
@@ -420,7 +479,7 @@ def score_shard(rows, first_index, row_tokenizer, oracle, ref, args, device, pro
         progress.update(len(rows) - len(items))
     records = []
     for batch in make_batches(items, args.score.micro_batch_size, args.score.max_tokens):
-        chosen, rejected = score_batch(oracle, ref, batch, row_tokenizer.tokenizer.pad_token_id, device)
+        chosen, rejected = score_batch(scorer, batch, row_tokenizer.tokenizer.pad_token_id, device)
         add_scores(stats, args.k_perc, chosen, rejected)
         for (index, prompt_len, chosen_ids, rejected_ids), c, r in zip(batch, chosen, rejected):
             if not (torch.isfinite(c).all() and torch.isfinite(r).all()):
@@ -447,6 +506,32 @@ def load_model(path, args, device):
         path, trust_remote_code=True, dtype=dtype, attn_implementation=args.ds.attn_implementation
     )
     return model.to(device).eval()
+
+
+def make_scorer(args, device):
+    """The one place the scorer is chosen and its models loaded: -> score(ids, mask, prompt_lens, lengths).
+
+    ``score`` takes a right-padded batch on ``device`` and returns one 1-D fp32 CPU tensor per row: the scores of
+    its response tokens, positions prompt_lens[i] .. lengths[i] - 1 (the first response token and EOS included).
+    """
+    if args.scorer == "oracle_ref":
+        oracle = load_model(args.oracle.model_name_or_path, args, device)
+        ref = load_model(args.ref.model_name_or_path, args, device)
+        return functools.partial(token_scores, oracle, ref)
+    try:
+        model, settings = load_token_rm(args.token_rm.model_name_or_path, args.ds.param_dtype,
+                                        args.ds.attn_implementation)
+    except ValueError as e:
+        raise SystemExit(f"--token_rm.model_name_or_path: {e}") from None
+    model = model.to(device).eval()
+
+    @torch.inference_mode()
+    def score(ids, mask, prompt_lens, lengths):
+        # r at absolute position t is token t's reward (read from the hidden state that has seen it): no shift.
+        rewards = token_rewards(model, ids, mask, kind=settings["activation"]).cpu()
+        return [rewards[i, p:n] for i, (p, n) in enumerate(zip(prompt_lens, lengths))]
+
+    return score
 
 
 def _dist_setup():
@@ -485,11 +570,24 @@ def run(args):
     strategy = DataStrategy(args.data, rank)  # scoring is plain data-parallel inference: no DeepSpeed engine
     out = args.output_dir
 
-    # Everything that can be wrong with the flags is found before a model is loaded.
-    oracle_id = model_identity(args.oracle.model_name_or_path)
-    ref_id = model_identity(args.ref.model_name_or_path)
-    tokenizer = load_tokenizer(args, args.oracle.model_name_or_path, "--oracle.model_name_or_path")
-    check_compatible(oracle_id, ref_id, tokenizer, load_tokenizer(args, args.ref.model_name_or_path, "--ref.model_name_or_path"))
+    # Everything that can be wrong with the flags is found before a model is loaded. The scorer's models go into
+    # the run id: the oracle_ref identity is exactly the one before --scorer existed (its dirs still resume);
+    # token_rm's has other keys, so a dir scored by one scorer is "another run" for the other.
+    if args.scorer == "oracle_ref":
+        oracle_id = model_identity(args.oracle.model_name_or_path, "--oracle.model_name_or_path")
+        ref_id = model_identity(args.ref.model_name_or_path, "--ref.model_name_or_path")
+        tokenizer_path, tokenizer_flag = args.oracle.model_name_or_path, "--oracle.model_name_or_path"
+        tokenizer = load_tokenizer(args, tokenizer_path, tokenizer_flag)
+        check_compatible(oracle_id, ref_id, tokenizer, load_tokenizer(args, args.ref.model_name_or_path, "--ref.model_name_or_path"))
+        scorer_identity = {"oracle": oracle_id, "ref": ref_id}
+        formula = FORMULAS["oracle_ref"]
+    else:
+        tokenizer_path, tokenizer_flag = args.token_rm.model_name_or_path, "--token_rm.model_name_or_path"
+        rm_id = model_identity(tokenizer_path, tokenizer_flag)
+        settings = token_rm_settings(rm_id)
+        tokenizer = load_tokenizer(args, tokenizer_path, tokenizer_flag)
+        scorer_identity = {"scorer": "token_rm", "token_rm": {**rm_id, "settings": settings}}
+        formula = FORMULAS[settings["activation"]]
     fingerprint = tokenizer_fingerprint(tokenizer)  # before RewardDataset applies --data.tokenizer_chat_template
     data = blending_datasets(args.data.dataset, args.data.dataset_probs, strategy, args.data.seed,
                              max_count=args.data.max_samples, dataset_split=args.data.dataset_split)
@@ -500,15 +598,14 @@ def run(args):
     data_flags["rows"] = len(data)
     score_flags = {"param_dtype": args.ds.param_dtype, "attn_implementation": args.ds.attn_implementation,
                    "shard_size": args.score.shard_size}
-    identity = {"oracle": oracle_id, "ref": ref_id, "tokenizer": fingerprint, "data": data_flags, "score": score_flags}
+    identity = {**scorer_identity, "tokenizer": fingerprint, "data": data_flags, "score": score_flags}
     run_id = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     prepare_output_dir(out, run_id, args.overwrite, rank)
     n_shards = math.ceil(len(data) / args.score.shard_size)
     manifest = {
         "format": "openrlhf-sepo token scores", "format_version": FORMAT_VERSION, "complete": False, "run_id": run_id,
-        "formula": "score_t = log pi_oracle(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t), fp32, every response token",
-        "oracle": oracle_id, "ref": ref_id,
-        "tokenizer": {"name_or_path": args.oracle.model_name_or_path, "fingerprint": fingerprint},
+        "scorer": args.scorer, "formula": formula, **scorer_identity,
+        "tokenizer": {"name_or_path": tokenizer_path, "fingerprint": fingerprint},
         "data": data_flags,
         "score": {**score_flags, "micro_batch_size": args.score.micro_batch_size, "max_tokens": args.score.max_tokens,
                   "k_perc": args.k_perc},
@@ -528,8 +625,7 @@ def run(args):
     if len(todo) < len(mine):
         print(f"[rank {rank}] resuming: {len(mine) - len(todo)} of my {len(mine)} shards already done", flush=True)
 
-    oracle = load_model(args.oracle.model_name_or_path, args, device)
-    ref = load_model(args.ref.model_name_or_path, args, device)
+    scorer = make_scorer(args, device)
     progress = None
     if rank == 0:
         total = sum(min(args.score.shard_size, len(data) - s * args.score.shard_size) for s in mine)
@@ -542,7 +638,7 @@ def run(args):
     for n, shard in enumerate(todo, 1):
         lo = shard * args.score.shard_size
         rows = data.select(range(lo, min(lo + args.score.shard_size, len(data))))
-        records, stats = score_shard(rows, lo, row_tokenizer, oracle, ref, args, device, progress)
+        records, stats = score_shard(rows, lo, row_tokenizer, scorer, args, device, progress)
         write_shard(out, shard, records, {"shard": shard, "first_index": lo, "rank": rank, **stats})
         done_here = [done_here[0] + 1, done_here[1] + stats["pairs_kept"], done_here[2] + stats["tokens"]]
         if kill_after and n >= kill_after:
