@@ -1,0 +1,254 @@
+"""``python -m openrlhf_sepo.cli.train_wmle`` (or ``deepspeed --module ...``): reward-weighted MLE on token rewards.
+
+    L = mean over sequences of sum_t w_t * (-log pi(y_t | x, y_<t)),   w_t = g_t / sum_t' g_t'   (openrlhf_sepo/wmle.py)
+
+OpenRLHF's ``train_sft`` with the flags that apply, same names and defaults, minus the tokenization flags
+(``--data.input_key`` ... ``--data.tokenizer_chat_template``, ``--data.multiturn``, ``--data.dataset_split``,
+``--data.dataset_probs``, ``--eval.split``, ``--use_ms``: the ids were fixed when the data was scored) and
+``--model.pretrain_mode_enable`` (the weights live on response tokens), plus ``--wmle.*``. ``--data.dataset`` /
+``--eval.dataset`` name ``score_tokens`` output dirs, comma-separated.
+"""
+
+import argparse
+import os
+import sys
+from datetime import datetime
+
+from openrlhf_sepo.datasets import ScoreDataError, read_manifest
+from openrlhf_sepo.wmle import SIDES, WEIGHTS, WeightedSFTDataset
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The train_wmle argument parser (flat dotted names, as OpenRLHF's; ``hierarchize`` nests them)."""
+    parser = argparse.ArgumentParser(prog="train_wmle", description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    # Checkpoints
+    add("--ckpt.output_dir", type=str, default="./ckpt")
+    add("--ckpt.save_steps", type=int, default=-1)
+    add("--ckpt.save_hf", action="store_true", default=False)
+    add("--ckpt.disable_ds", action="store_true", default=False)
+    add("--logger.logging_steps", type=int, default=1)
+    add("--eval.steps", type=int, default=-1)
+    add("--ckpt.path", type=str, default="./ckpt/checkpoints_wmle")
+    add("--ckpt.max_num", type=int, default=3)
+    add("--ckpt.max_mem", type=int, default=int(1e8))
+    add("--ckpt.load_enable", action="store_true", default=False)
+    add("--ds.use_universal_ckpt", action="store_true", default=False)
+
+    # DeepSpeed
+    add("--train.micro_batch_size", type=int, default=8, help="batch size per GPU")
+    add("--train.batch_size", type=int, default=128, help="Global training batch size")
+    add("--model.gradient_checkpointing_enable", action="store_true", default=False)
+    add("--ds.deepcompile", action="store_true", default=False)
+    add("--train.seed", type=int, default=42)
+    add("--train.full_determinism_enable", action="store_true", default=False)
+    add("--local_rank", type=int, default=-1, help="local_rank for deepspeed")
+    add("--ds.zero_stage", type=int, default=2)
+    add("--ds.param_dtype", type=str, default="bf16", choices=["bf16", "fp16"])
+    add("--ds.zpg", type=int, default=1, help="ZeRO++ max partition size")
+    add("--ds.adam_offload", action="store_true", default=False)
+    add("--ds.attn_implementation", type=str, default="flash_attention_2")
+    add("--ds.experts_implementation", type=str, default=None, choices=["eager", "batched_mm", "grouped_mm", "deepgemm"])
+    add("--ds.use_liger_kernel", action="store_true", default=False)
+    add("--ds.grad_accum_dtype", type=str, default=None)
+    add("--ds.overlap_comm", action="store_true", default=False)
+    add("--model.gradient_checkpointing_reentrant", action="store_true", default=False)
+    add("--data.disable_fast_tokenizer", action="store_true", default=False)
+    add("--data.dataloader_num_workers", type=int, default=0)
+    add("--ds.tensor_parallel_size", type=int, default=1)
+
+    # Training (the MoE regulariser is OpenRLHF's)
+    add("--train.max_epochs", type=int, default=2)
+    add("--model.aux_loss_coef", type=float, default=0, help="MoE balancing loss")
+    add("--model.model_name_or_path", type=str, default=None)
+
+    # Reward-weighted MLE
+    add("--wmle.side", type=str, default="chosen", choices=list(SIDES),
+        help="which responses of the scores dir are trained on (with their token rewards)")
+    add("--wmle.weight", type=str, default="reward", choices=list(WEIGHTS),
+        help="g_t = r_t (reward: needs r_t >= 0, e.g. a learned token RM's rewards) or exp(r_t) (exp: any sign, "
+             "e.g. the oracle/reference log-ratio)")
+    add("--wmle.reward_to_go", action="store_true", default=False,
+        help="replace r_t by sum_{t' >= t} r_t' before g")
+
+    # Optimizer + scheduler + grad clip (OpenRLHF's)
+    add("--optim", type=str, default="adam", choices=["adam", "muon"])
+    add("--muon.lr", type=float, default=0.02)
+    add("--muon.momentum", type=float, default=0.95)
+    add("--muon.ns_steps", type=int, default=5)
+    add("--muon.nesterov", action="store_true", default=True)
+    add("--muon.no_nesterov", dest="muon.nesterov", action="store_false")
+    add("--adam.lr", type=float, default=5e-6)
+    add("--adam.betas", type=float, nargs=2, default=(0.9, 0.95))
+    add("--adam.eps", type=float, default=1e-8)
+    add("--adam.weight_decay", type=float, default=0.0)
+    add("--lr_scheduler", type=str, default="cosine_with_min_lr")
+    add("--lr_warmup_ratio", type=float, default=0.03)
+    add("--min_lr_ratio", type=float, default=0.1)
+    add("--max_norm", type=float, default=1.0, help="Gradient clipping")
+
+    # Context parallel, LoRA, packing (OpenRLHF's, through its Actor)
+    add("--ds.ring_attn_size", type=int, default=1)
+    add("--ds.ring_attn_head_stride", type=int, default=1)
+    add("--ds.load_in_4bit", action="store_true", default=False)
+    add("--ds.lora.rank", type=int, default=0)
+    add("--ds.lora.alpha", type=int, default=16)
+    add("--ds.lora.target_modules", type=str, nargs="*", default="all-linear")
+    add("--ds.lora.dropout", type=float, default=0)
+    add("--ds.packing_samples", action="store_true", default=False)
+
+    # Data
+    add("--data.dataset", type=str, default=None, help="score_tokens output dir(s), comma-separated")
+    add("--eval.dataset", type=str, default=None, help="score_tokens output dir(s) for evaluation")
+    add("--data.max_samples", type=int, default=1000000)
+    add("--data.max_len", type=int, default=2048, help="longest scored row accepted (prompt + response)")
+
+    # Loggers
+    add("--logger.wandb.key", type=str, default=None)
+    add("--logger.wandb.org", type=str, default=None)
+    add("--logger.wandb.group", type=str, default=None)
+    add("--logger.wandb.project", type=str, default="openrlhf_train_wmle")
+    add("--logger.wandb.run_name", type=str, default="wmle_%s" % datetime.now().strftime("%m%dT%H:%M"))
+    add("--logger.tensorboard_dir", type=str, default=None)
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse and check everything that can be checked without a model, so bad input fails before training.
+
+    The rows themselves (signs of the rewards included) are checked in ``train`` when the data loads, still before
+    the model does."""
+    from openrlhf.utils.config import hierarchize
+
+    parser = build_parser()
+    args = hierarchize(parser.parse_args(argv))
+    if not args.model.model_name_or_path:
+        parser.error("--model.model_name_or_path is required")
+    if not args.data.dataset:
+        parser.error("--data.dataset is required (score_tokens output dir(s))")
+    if args.ds.ring_attn_size > 1 and not args.ds.packing_samples:
+        parser.error("--ds.ring_attn_size > 1 needs --ds.packing_samples")
+    for flag, spec in (("--data.dataset", args.data.dataset), ("--eval.dataset", args.eval.dataset)):
+        for score_dir in (spec or "").split(","):
+            if score_dir.strip():
+                try:
+                    read_manifest(score_dir.strip())
+                except ScoreDataError as e:
+                    parser.error(f"{flag}: {e}")
+    return args
+
+
+def _weighted_dataset(spec, tokenizer, strategy, args, max_samples):
+    return WeightedSFTDataset(
+        spec, tokenizer, args.data.max_len, strategy, side=args.wmle.side, weight=args.wmle.weight,
+        reward_to_go=args.wmle.reward_to_go, max_samples=max_samples,
+    )
+
+
+def train(args):
+    """train_sft's wiring with a WeightedSFTDataset and a WeightedMLETrainer.
+
+    The data is loaded before the model, so a tokenizer mismatch or a bad row fails in seconds.
+    """
+    from openrlhf.models import Actor
+    from openrlhf.utils import get_strategy, get_tokenizer
+
+    from openrlhf_sepo.wmle import WeightedMLETrainer
+
+    strategy = get_strategy(args)
+    strategy.setup_distributed()
+
+    use_fast = not args.data.disable_fast_tokenizer
+    tokenizer = get_tokenizer(args.model.model_name_or_path, None, "right", strategy, use_fast=use_fast)
+    train_dataset = _weighted_dataset(args.data.dataset, tokenizer, strategy, args, args.data.max_samples)
+    eval_dataset = None
+    if args.eval.dataset:
+        eval_dataset = _weighted_dataset(args.eval.dataset, tokenizer, strategy, args, 100000000)
+    if len(train_dataset) < args.train.batch_size:
+        raise ScoreDataError(
+            f"{len(train_dataset)} training responses is fewer than one --train.batch_size ({args.train.batch_size})"
+        )
+
+    model = Actor(
+        args.model.model_name_or_path,
+        attn_implementation=args.ds.attn_implementation,
+        experts_implementation=args.ds.experts_implementation,
+        param_dtype=args.ds.param_dtype,
+        load_in_4bit=args.ds.load_in_4bit,
+        lora_rank=args.ds.lora.rank,
+        lora_alpha=args.ds.lora.alpha,
+        lora_dropout=args.ds.lora.dropout,
+        target_modules=args.ds.lora.target_modules,
+        ds_config=strategy.get_ds_train_config(),
+        packing_samples=args.ds.packing_samples,
+        use_liger_kernel=args.ds.use_liger_kernel,
+    )
+    tokenizer = get_tokenizer(args.model.model_name_or_path, model.model, "right", strategy, use_fast=use_fast)
+    strategy.print(model)
+    if args.model.gradient_checkpointing_enable:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant}
+        )
+
+    train_dataloader = strategy.setup_dataloader(
+        train_dataset, args.train.micro_batch_size, True, True, train_dataset.collate_fn,
+        num_workers=args.data.dataloader_num_workers,
+    )
+    eval_dataloader = None
+    if eval_dataset is not None:
+        eval_dataloader = strategy.setup_dataloader(
+            eval_dataset, args.train.micro_batch_size, True, False, eval_dataset.collate_fn, drop_last=False,
+            num_workers=args.data.dataloader_num_workers,
+        )
+
+    # train_sft's step counts
+    num_update_steps_per_epoch = max(1, len(train_dataloader) // strategy.accumulated_gradient)
+    max_steps = len(train_dataloader) * args.train.max_epochs // strategy.accumulated_gradient
+    cfg = dict(
+        optim=args.optim,
+        muon=vars(args.muon),
+        adam=vars(args.adam),
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_ratio=args.lr_warmup_ratio,
+        min_lr_ratio=args.min_lr_ratio,
+        max_norm=args.max_norm,
+        scheduler_steps=max_steps,
+    )
+    model, optim, scheduler = strategy.prepare((model, cfg))
+
+    consumed_samples = 0
+    if args.ckpt.load_enable and os.path.exists(args.ckpt.path):
+        load_path, states = strategy.load_ckpt(model.model, args.ckpt.path)
+        if load_path is not None:
+            consumed_samples = states["consumed_samples"]
+            strategy.print(f"Loaded the checkpoint: {args.ckpt.path}, consumed_samples: {consumed_samples}")
+    os.makedirs(args.ckpt.output_dir, exist_ok=True)
+
+    trainer = WeightedMLETrainer(
+        model=model,
+        strategy=strategy,
+        optim=optim,
+        train_dataloader=train_dataloader,
+        eval_dataloader=eval_dataloader,
+        scheduler=scheduler,
+        max_norm=args.max_norm,
+        batch_size=args.train.batch_size,
+        max_epochs=args.train.max_epochs,
+        tokenizer=tokenizer,
+        save_hf_ckpt=args.ckpt.save_hf,
+        disable_ds_ckpt=args.ckpt.disable_ds,
+    )
+    trainer.fit(args, consumed_samples, num_update_steps_per_epoch)
+    strategy.save_model(model, tokenizer, args.ckpt.output_dir)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except ScoreDataError as e:
+        sys.exit(f"train_wmle: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
