@@ -6,6 +6,9 @@ Public pieces (imported lazily, so ``import openrlhf_sepo`` stays cheap):
 - ``TokenScoreDataset``    ``score_tokens`` output -> OpenRLHF DPO batches + selection masks (``datasets.py``)
 - ``SelectiveDPOTrainer``  OpenRLHF ``DPOTrainer`` without a reference model (``trainer.py``)
 - ``select_key_tokens``    the per-response top-k / bottom-k rule (``scoring.py``)
+- ``RankedListDataset``, ``TokenRewardModelTrainer``   a token-level reward model learned from ranked lists with
+  ListMLE (``token_rm_data.py``, ``token_rm_trainer.py``; formulas in ``token_rm.py``)
+- ``WeightedSFTDataset``, ``WeightedMLETrainer``       reward-weighted MLE on token rewards (``wmle.py``)
 """
 
 from openrlhf_sepo._flash_attn import install_placeholder as _install_flash_attn_placeholder
@@ -20,6 +23,10 @@ _LAZY = {
     "TokenScoreDataset": "openrlhf_sepo.datasets",
     "SelectiveDPOTrainer": "openrlhf_sepo.trainer",
     "select_key_tokens": "openrlhf_sepo.scoring",
+    "RankedListDataset": "openrlhf_sepo.token_rm_data",
+    "TokenRewardModelTrainer": "openrlhf_sepo.token_rm_trainer",
+    "WeightedSFTDataset": "openrlhf_sepo.wmle",
+    "WeightedMLETrainer": "openrlhf_sepo.wmle",
 }
 
 __all__ = ["__version__", *_LAZY]

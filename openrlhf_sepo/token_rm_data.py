@@ -116,8 +116,8 @@ class RankedListDataset(Dataset):
         out = self.row_tokenizer.encode(row)
         if isinstance(out[0], str):
             return out
-        prompt_len, chosen, rejected = out
-        return prompt_len, [chosen, rejected], [1.0, 0.0]
+        prompt_len, chosen, rejected = out  # lists of ids
+        return prompt_len, [torch.tensor(chosen), torch.tensor(rejected)], [1.0, 0.0]
 
     def _encode_list(self, row):
         prompt, responses, scores = row.get(self.row_tokenizer.prompt_key), row.get(self.responses_key), row.get(self.scores_key)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from openrlhf_sepo import tiny
-from openrlhf_sepo.cli.demo import METHODS, SETTINGS_FILE, gated_reward, grid_points, mean_ci95
+from openrlhf_sepo.cli.demo import METHODS, SETTINGS_FILE, gated_reward, grid_points, mean_ci95, point_label
 
 
 def test_key_token_mask_is_exact_on_split_and_planted_words():
@@ -128,7 +128,7 @@ def test_committed_settings_cover_every_method_from_the_grid():
     assert set(doc["settings"]) == set(METHODS)
     for method, setting in doc["settings"].items():
         assert setting in grid_points(method), (method, setting)
-        assert set(doc["validation"][method]) == {f"lr={p['lr']:g},beta={p['beta']:g}" for p in grid_points(method)}
+        assert set(doc["validation"][method]) == {point_label(p) for p in grid_points(method)}
 
 
 @pytest.mark.slow
@@ -141,24 +141,33 @@ def test_quick_demo_end_to_end(tmp_path):
 
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
-    models = {"sft", "oracle", "sepo", "sepo_random", "sepo_truth", "dpo_nll", "simpo", "strong_sft", "w2s_sepo"}
+    models = {"sft", "oracle", "sepo", "sepo_random", "sepo_truth", "dpo_nll", "simpo", "strong_sft", "w2s_sepo",
+              "sepo_token_rm", "wmle", "wmle_onpolicy"}
     for key in ("ground_truth_reward", "win_rate_vs_sft", "pairwise_accuracy", "format_validity", "kl_to_sft"):
         assert set(metrics[key]) == models, key
         assert all(math.isfinite(v) for v in metrics[key].values()), (key, metrics[key])
         assert all(math.isfinite(v) for v in metrics["ci95"][key].values()), key
         assert all(len(v) == 2 for v in metrics["per_seed"][key].values())
     assert metrics["kl_to_sft"]["sft"] == 0.0 and metrics["kl_to_sft"]["strong_sft"] == 0.0
-    assert set(metrics["selection_precision"]) == {"sepo", "sepo_random", "sepo_truth", "w2s_sepo"}
+    assert set(metrics["selection_precision"]) == {"sepo", "sepo_random", "sepo_truth", "w2s_sepo", "sepo_token_rm"}
     # The truth control selects planted key tokens first; random selection sits near the base rate.
     assert metrics["selection_precision"]["sepo_truth"] > 0.9
     assert metrics["selection_precision"]["sepo"] > metrics["key_token_base_rate"]
     assert abs(metrics["selection_precision"]["sepo_random"] - metrics["key_token_base_rate"]) < 0.15
     assert set(metrics["oracle_selection"]["precision"]) == {"0.1", "0.3", "0.5"}
+    # both scorers' selection by k, with intervals; the oracle's mean agrees with oracle_selection
+    assert set(metrics["scorer_selection"]) == {"oracle", "token_rm"}
+    for k, (mean, hw) in metrics["scorer_selection"]["oracle"]["precision"].items():
+        assert mean == pytest.approx(metrics["oracle_selection"]["precision"][k]) and math.isfinite(hw)
+    assert all(0 <= v[0] <= 1 for v in metrics["scorer_selection"]["token_rm"]["recall"].values())
+    # wmle and the loop read every chosen token (weighted): fewer tokens than DPO's both sides
+    assert metrics["training_tokens"]["wmle"] == metrics["training_tokens"]["wmle_onpolicy"] < metrics["training_tokens"]["dpo_nll"]
     assert metrics["training_tokens"]["sepo"] < metrics["training_tokens"]["dpo_nll"]
     assert metrics["seeds"] == [0, 1] and metrics["task"]["variant"] == "independent"
     assert set(metrics["settings"]) == models - {"sft", "oracle", "strong_sft"}
     assert set(metrics["weak_to_strong"]) == {"strong_sft", "w2s_sepo"}
-    assert {"sepo - dpo_nll", "sepo - sepo_random", "sepo_truth - sepo"} <= set(metrics["ground_truth_differences"])
+    assert {"sepo - dpo_nll", "sepo - sepo_random", "sepo_truth - sepo", "sepo_token_rm - sepo",
+            "wmle_onpolicy - wmle"} <= set(metrics["ground_truth_differences"])
 
     report = open(os.path.join(out, "report.md")).read()
     assert "| sepo_random |" in report and "frontier.png" in report and "± " in report
@@ -167,5 +176,6 @@ def test_quick_demo_end_to_end(tmp_path):
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
-    assert "stage1     0 of 8 jobs to run" in rerun.stdout and "stage2     0 of 12 jobs to run" in rerun.stdout
+    assert "stage1     0 of 12 jobs to run" in rerun.stdout and "stage2     0 of 16 jobs to run" in rerun.stdout
+    assert "loop_r1    0 of 6 jobs to run" in rerun.stdout and "loop_r2    0 of 6 jobs to run" in rerun.stdout
     assert f"[demo] {'eval s1':<10} skipped" in rerun.stdout

@@ -187,6 +187,9 @@ def test_pairs_are_lists_of_two_and_missing_columns_name_the_flag(tiny_dir, list
              for r in tiny.make_pairs(5, seed=1)]
     ds = lists_dataset(pairs, tiny_dir, list_strategy(prompt_key=None))
     assert ds.kind == "pairs" and len(ds) == 5 and all(ds[i][2] == [1.0, 0.0] for i in range(5))
+    ids, _, response, layout, info = ds.collate_fn([ds[i] for i in range(5)])
+    assert ids.shape[0] == 10 and info.sizes == [2] * 5 and layout[:, 1].tolist() == [1.0, 0.0] * 5
+    assert ds.tokenizer.decode(ids[0][response[0]], skip_special_tokens=True).strip() == tiny.make_pairs(5, 1)[0]["chosen"]
     with pytest.raises(ListDataError, match="--data.responses_key 'responses'.*--data.chosen_key"):
         lists_dataset([{"prompt": "p", "answers": ["a"]}], tiny_dir, list_strategy())
     with pytest.raises(ListDataError, match="need --data.prompt_key"):

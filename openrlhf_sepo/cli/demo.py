@@ -38,10 +38,16 @@ from openrlhf_sepo import tiny
 # *_exclude_prefix rows never select the pair's common prefix. The controls sepo_random / sepo_truth differ from
 # sepo in the selection alone. simpo is SimPO (all tokens); *_nll add the same NLL term to DPO / SimPO; w2s_*:
 # the strong policy trained from the weak oracle's scores (SePO) or on the same pairs (DPO, SimPO).
+# The learned token reward model (token_rm, trained on the oracle's pairs, from the SFT model): sepo_token_rm is SePO
+# with its scores in place of the oracle's; wmle is its own objective, reward-weighted MLE on the chosen answers of
+# the policy pairs; wmle_onpolicy alternates as the method does (sample from the policy, rank by the task's truth,
+# retrain the token RM, train the policy), in LOOP_ROUNDS rounds over the same step budget; sft_chosen (plain MLE on
+# the same chosen answers, OpenRLHF's train_sft) is the control for the weighting.
 _SEPO = dict(trainer="sepo", scores="oracle", k=0.3, selection="per_response", exclude_prefix=False, nll=1.0,
              policy="weak")
 _DPO = dict(trainer="dpo", nll=0.0, policy="weak")
 _SIMPO = dict(_SEPO, k=1.0, nll=0.0)
+_WMLE = dict(trainer="wmle", scores="token_rm", nll=0.0, policy="weak")
 METHODS = {
     "sepo": _SEPO,
     "sepo_exclude_prefix": dict(_SEPO, exclude_prefix=True),
@@ -56,8 +62,16 @@ METHODS = {
     "w2s_sepo": dict(_SEPO, policy="strong"),
     "w2s_dpo_nll": dict(_DPO, nll=1.0, policy="strong"),
     "w2s_simpo_nll": dict(_SIMPO, nll=1.0, policy="strong"),
+    "sepo_token_rm": dict(_SEPO, scores="token_rm"),
+    "wmle": _WMLE,
+    "wmle_onpolicy": dict(_WMLE, trainer="wmle_loop"),
+    "sft_chosen": dict(trainer="sft", nll=0.0, policy="weak"),
 }
-QUICK_METHODS = ["sepo", "sepo_random", "sepo_truth", "dpo_nll", "simpo", "w2s_sepo"]
+BETA_TRAINERS = {"sepo": "--sepo.beta", "dpo": "--model.beta"}  # the other trainers have no beta
+LOOP_ROUNDS, LOOP_SAMPLES = 2, 4  # wmle_onpolicy: rounds, answers sampled per training prompt and round
+TOKEN_RM_LR = 1e-3  # the token RM's learning rate, fixed as the oracle's is (it is a scorer, not a tuned policy)
+QUICK_METHODS = ["sepo", "sepo_random", "sepo_truth", "dpo_nll", "simpo", "w2s_sepo", "sepo_token_rm", "wmle",
+                 "wmle_onpolicy"]
 GRID = {"lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "sepo_beta": [1.0, 2.5], "dpo_beta": [0.1, 0.5]}
 OBJECTIVE = ("mean over validation samples of the ground-truth reward, a malformed answer (not "
              "tiny.is_well_formed) counting as -1")
@@ -97,14 +111,30 @@ def gated_reward(samples) -> float:
 
 
 def setting_flags(method: str, setting: dict) -> list:
-    """The command-line flags of one grid point: learning rate, and the method's beta."""
-    beta = ["--model.beta"] if METHODS[method]["trainer"] == "dpo" else ["--sepo.beta"]
-    return ["--adam.lr", str(setting["lr"]), *beta, str(setting["beta"])]
+    """The command-line flags of one grid point: learning rate, and the method's beta if its trainer has one."""
+    beta = BETA_TRAINERS.get(METHODS[method]["trainer"].removesuffix("_loop"))
+    return ["--adam.lr", str(setting["lr"]), *([beta, str(setting["beta"])] if beta else [])]
 
 
 def grid_points(method: str):
-    betas = GRID["dpo_beta"] if METHODS[method]["trainer"] == "dpo" else GRID["sepo_beta"]
+    """The grid of ``method``: lr x its beta (SePO/SimPO or DPO betas), or lr alone for a trainer without beta."""
+    trainer = METHODS[method]["trainer"]
+    if trainer not in BETA_TRAINERS:
+        return [{"lr": lr} for lr in GRID["lr"]]
+    betas = GRID["dpo_beta"] if trainer == "dpo" else GRID["sepo_beta"]
     return [{"lr": lr, "beta": beta} for lr in GRID["lr"] for beta in betas]
+
+
+def loop_metric(text: str) -> float:
+    """wmle_onpolicy's ranking metric of a sampled answer: the ground truth of a well-formed answer (in [-1, 1]), and
+    ground truth - 2.5 (in [-3.5, -1.5]) of a malformed one: format first, then the key words. (The gated reward's
+    flat -1 for every malformed answer left most lists of a weak SFT model's samples all tied.)"""
+    return tiny.ground_truth_reward(text) - (0.0 if tiny.is_well_formed(text) else 2.5)
+
+
+def point_label(point: dict) -> str:
+    """A grid point's name: ``lr=0.001,beta=1`` (or ``lr=0.001`` without beta)."""
+    return ",".join(f"{k}={v:g}" for k, v in point.items())
 
 
 class Demo:
@@ -208,6 +238,9 @@ class Demo:
         task = dict(variant=self.args.task, label_noise=self.args.label_noise)
         tiny.write_preference_data(d("oracle_pairs.jsonl"), s["n_oracle"], 1000 * seed + 1, **task)
         tiny.write_preference_data(d("policy_pairs.jsonl"), s["n_policy"], 1000 * seed + 2, **task)
+        with open(d("policy_pairs.jsonl")) as f, open(d("policy_chosen.jsonl"), "w") as out:  # sft_chosen's data
+            for line in f:
+                out.write(json.dumps({"messages": json.loads(line)["chosen"]}) + "\n")
         tiny.write_preference_data(d("eval_pairs.jsonl"), s["n_eval"], 1000 * seed + 3, variant=self.args.task)
         for split in ("validation", "test"):
             with open(d(f"{split}_prompts.jsonl"), "w") as f:
@@ -232,6 +265,18 @@ class Demo:
             "--train.max_epochs", str(self.size["oracle_epochs"]), "--adam.lr", str(self.args.oracle_lr),
             "--model.beta", "0.1", "--ckpt.output_dir", m("oracle"), "--ckpt.path", self.seed_path(seed, "ckpt", "oracle"),
             *seed_flag]))
+        if any(METHODS[x].get("scores") == "token_rm" for x in self.methods):
+            # The token RM learns from the oracle's pairs (lists of two), from the SFT model, and scores the policy's.
+            jobs.append(self.job(seed, "token_rm", "openrlhf_sepo.cli.train_token_rm", [
+                "--model.model_name_or_path", m("sft"), "--data.dataset", d("oracle_pairs.jsonl"), *COMMON_TRAIN,
+                *CHAT, "--train.max_epochs", str(self.size["oracle_epochs"]), "--adam.lr", str(TOKEN_RM_LR),
+                "--ckpt.output_dir", m("token_rm"), "--ckpt.path", self.seed_path(seed, "ckpt", "token_rm"),
+                *seed_flag]))
+            jobs.append(self.job(seed, "scores_token_rm", "openrlhf_sepo.cli.score_tokens", [
+                "--scorer", "token_rm", "--token_rm.model_name_or_path", m("token_rm"),
+                "--data.dataset", d("policy_pairs.jsonl"), "--data.apply_chat_template", "--data.max_len", "128",
+                "--output_dir", self.seed_path(seed, "scores_token_rm"), "--overwrite",
+                "--k_perc", ",".join(map(str, K_VALUES))]))
         jobs.append(self.job(seed, "scores", "openrlhf_sepo.cli.score_tokens", [
             "--oracle.model_name_or_path", m("oracle"), "--ref.model_name_or_path", m("sft"),
             "--data.dataset", d("policy_pairs.jsonl"), "--data.apply_chat_template", "--data.max_len", "128",
@@ -264,24 +309,82 @@ class Demo:
         shutil.copy(os.path.join(src, "manifest.json"), os.path.join(dst, "manifest.json"))
 
     # --- stage 2: policies ----------------------------------------------------------------------------
-    def policy_job(self, seed, name, method, setting, snapshots):
+    def policy_job(self, seed, name, method, setting, snapshots, init=None, scores=None, epochs=None):
+        """The training job of one policy run; ``init`` / ``scores`` / ``epochs`` override the method's start model,
+        scores dir and epochs (wmle_onpolicy's rounds)."""
         spec = METHODS[method]
         m, d = lambda *p: self.seed_path(seed, "models", *p), lambda *p: self.seed_path(seed, "data", *p)
-        init = m("sft" if spec["policy"] == "weak" else "strong_sft")
+        init = init or m("sft" if spec["policy"] == "weak" else "strong_sft")
+        scores = scores or self.seed_path(seed, {"oracle": "scores", "truth": "scores_truth",
+                                                 "token_rm": "scores_token_rm"}.get(spec.get("scores"), ""))
         args = ["--model.model_name_or_path", init, *COMMON_TRAIN, "--train.max_epochs",
-                str(self.size["policy_epochs"]), "--train.seed", str(seed), *setting_flags(method, setting),
-                "--model.nll_loss_coef", str(spec["nll"]), "--ckpt.output_dir", m(name),
-                "--ckpt.path", self.seed_path(seed, "ckpt", name)]
+                str(epochs or self.size["policy_epochs"]), "--train.seed", str(seed), *setting_flags(method, setting),
+                "--ckpt.output_dir", m(name), "--ckpt.path", self.seed_path(seed, "ckpt", name)]
         if snapshots:
             args += ["--ckpt.save_steps", str(self.size["save_steps"]), "--ckpt.save_hf", "--ckpt.disable_ds"]
+        if spec["trainer"] in ("wmle", "wmle_loop"):
+            args += ["--data.dataset", scores, "--wmle.side", "chosen", "--wmle.weight", "reward"]
+            return self.job(seed, name, "openrlhf_sepo.cli.train_wmle", args)
+        if spec["trainer"] == "sft":
+            args += ["--data.dataset", d("policy_chosen.jsonl"), "--data.input_key", "messages", *CHAT]
+            return self.job(seed, name, "openrlhf.cli.train_sft", args)
+        args += ["--model.nll_loss_coef", str(spec["nll"])]
         if spec["trainer"] == "sepo":
-            scores = self.seed_path(seed, "scores" if spec["scores"] == "oracle" else "scores_truth")
             args += ["--data.dataset", scores, "--sepo.k_chosen", str(spec["k"]), "--sepo.k_rejected",
                      str(spec["k"]), "--sepo.selection", spec["selection"], "--sepo.gamma", "0.0"]
             args += ["--sepo.exclude_common_prefix"] if spec["exclude_prefix"] else []
             return self.job(seed, name, "openrlhf_sepo.cli.train_sepo", args)
         args += ["--ref.model_name_or_path", init, "--data.dataset", d("policy_pairs.jsonl"), *CHAT]
         return self.job(seed, name, "openrlhf.cli.train_dpo", args)
+
+    def run_loops(self, runs, snapshots):
+        """wmle_onpolicy runs (``runs``: {name: (method, setting)}), LOOP_ROUNDS rounds on every seed, one launch per
+        round. Round r: the round's policy (the SFT model first) samples LOOP_SAMPLES answers to each of n_policy
+        training prompts; each list is ranked by ``loop_metric`` (format first, then ground truth); the token RM
+        continues training on those lists (from the pair-trained token_rm); it scores
+        the policy pairs; the policy continues with train_wmle for policy_epochs / LOOP_ROUNDS epochs. The last
+        round's policy is models/NAME, so evaluation reads it like any other run."""
+        from openrlhf_sepo.cli.evaluate import DataFlags, GenFlags, generate, load_policy
+
+        epochs, rest = divmod(self.size["policy_epochs"], LOOP_ROUNDS)
+        assert rest == 0, "policy_epochs must be a multiple of LOOP_ROUNDS (the same step budget, whole epochs)"
+        n_prompts = self.size["n_policy"]
+        for r in range(1, LOOP_ROUNDS + 1):
+            jobs = []
+            for seed in self.seeds:
+                for name, (method, setting) in runs.items():
+                    m = lambda *p: self.seed_path(seed, "models", *p)  # noqa: E731
+                    tag, prev = f"{name}_r{r}", (f"{name}_r{r - 1}" if r > 1 else None)
+                    policy_in = m(prev) if prev else m("sft")
+                    lists = self.seed_path(seed, "data", f"{tag}_lists.jsonl")
+
+                    def sample(seed=seed, policy_in=policy_in, lists=lists):
+                        model, tok = load_policy(policy_in)
+                        prompts = [row["prompt"] for row in tiny.make_prompts(n_prompts, 1000 * seed + 5 + r, "train")]
+                        answers = [generate(model, tok, prompts, DataFlags(apply_chat_template=True, max_len=128),
+                                            GenFlags(max_new_tokens=48, temperature=1.0, top_p=1.0, seed=seed * 100 + r * 10 + i),
+                                            batch_size=64) for i in range(LOOP_SAMPLES)]
+                        with open(lists, "w") as f:
+                            for j, prompt in enumerate(prompts):
+                                responses = [a[j] for a in answers]
+                                scores = [loop_metric(t) for t in responses]
+                                f.write(json.dumps({"prompt": prompt, "responses": responses, "scores": scores}) + "\n")
+                    self.stage(f"sample {tag} s{seed}", sample, self.seed_path(seed, "done", f"{tag}_lists.done"))
+                    rm_in = m(f"{prev}_token_rm") if prev else m("token_rm")
+                    jobs.append(self.job(seed, f"{tag}_token_rm", "openrlhf_sepo.cli.train_token_rm", [
+                        "--model.model_name_or_path", rm_in, "--data.dataset", lists, "--data.prompt_key", "prompt",
+                        *COMMON_TRAIN, *CHAT, "--train.max_epochs", "1", "--adam.lr", str(TOKEN_RM_LR),
+                        "--ckpt.output_dir", m(f"{tag}_token_rm"),
+                        "--ckpt.path", self.seed_path(seed, "ckpt", f"{tag}_token_rm"), "--train.seed", str(seed)]))
+                    scores = self.seed_path(seed, f"scores_{tag}")
+                    jobs.append(self.job(seed, f"{tag}_scores", "openrlhf_sepo.cli.score_tokens", [
+                        "--scorer", "token_rm", "--token_rm.model_name_or_path", m(f"{tag}_token_rm"),
+                        "--data.dataset", self.seed_path(seed, "data", "policy_pairs.jsonl"),
+                        "--data.apply_chat_template", "--data.max_len", "128", "--output_dir", scores, "--overwrite"]))
+                    out = name if r == LOOP_ROUNDS else tag
+                    jobs.append(self.policy_job(seed, out, method, setting, snapshots and r == LOOP_ROUNDS,
+                                                init=policy_in, scores=scores, epochs=epochs))
+            self.launch(f"loop_r{r}", jobs)
 
     # --- evaluation -----------------------------------------------------------------------------------
     def evaluate_seed(self, seed, runs, prompts, snapshots):
@@ -324,8 +427,9 @@ class Demo:
     def selection_stats(self, seed):
         """Per selective run: precision / recall of its training selection against the planted key tokens of the
         side's sign (good key words in chosen answers, bad ones in rejected: the tokens the preference is about),
-        and per run the response tokens whose log-probs enter its loss (all epochs); the oracle's precision /
-        recall at each k of K_VALUES; the base rate of those key tokens among response tokens."""
+        and per run the response tokens whose log-probs enter its loss (all epochs); each scorer's (the oracle, and
+        the token RM when one was trained) precision / recall at each k of K_VALUES; the base rate of those key
+        tokens among response tokens."""
         import numpy as np
         from transformers import AutoTokenizer
 
@@ -355,22 +459,29 @@ class Demo:
         epochs = self.size["policy_epochs"]
         stats = {"precision": {}, "recall": {}, "training_tokens": {}, "base_rate": n_key / n_tokens,
                  "oracle_precision": {}, "oracle_recall": {}}
+        scores_dir = {"oracle": "scores", "truth": "scores_truth", "token_rm": "scores_token_rm"}
         for method in self.methods:
             spec = METHODS[method]
             if spec["trainer"] == "dpo":
                 stats["training_tokens"][method] = n_tokens * epochs
                 continue
-            ds = dataset("scores" if spec["scores"] == "oracle" else "scores_truth", spec["k"], spec["selection"],
-                         spec["exclude_prefix"])
+            if spec["trainer"] != "sepo":  # wmle, wmle_onpolicy, sft_chosen: every chosen token, weighted or not
+                stats["training_tokens"][method] = len(key["chosen"]) * epochs
+                continue
+            ds = dataset(scores_dir[spec["scores"]], spec["k"], spec["selection"], spec["exclude_prefix"])
+            assert len(ds) == len(base), "every scores dir of a seed holds the same policy pairs"
             precision, recall, picked = quality(ds)
             if spec["k"] < 1.0:
                 stats["precision"][method], stats["recall"][method] = precision, recall
             # The NLL term reads every chosen token: selected rejected tokens + all chosen tokens.
             nll_tokens = len(key["chosen"]) + int(ds.selected["rejected"].sum())
             stats["training_tokens"][method] = (nll_tokens if spec["nll"] else picked) * epochs
-        for k in K_VALUES:
-            precision, recall, _ = quality(dataset("scores", k, "per_response", False))
-            stats["oracle_precision"][str(k)], stats["oracle_recall"][str(k)] = precision, recall
+        scorers = ["oracle"] + (["token_rm"] if os.path.isdir(self.seed_path(seed, "scores_token_rm")) else [])
+        for scorer in scorers:
+            for k in K_VALUES:
+                precision, recall, _ = quality(dataset(scores_dir[scorer], k, "per_response", False))
+                stats.setdefault(f"{scorer}_precision", {})[str(k)] = precision
+                stats.setdefault(f"{scorer}_recall", {})[str(k)] = recall
         return stats
 
     # --- the two modes --------------------------------------------------------------------------------
@@ -386,8 +497,11 @@ class Demo:
     def run_benchmark(self):
         start = time.time()
         self.prepare()
+        loops = {m: (m, self.settings[m]) for m in self.methods if METHODS[m]["trainer"] == "wmle_loop"}
         self.launch("stage2", [self.policy_job(seed, m, m, self.settings[m], snapshots=True)
-                               for seed in self.seeds for m in self.methods])
+                               for seed in self.seeds for m in self.methods if m not in loops])
+        if loops:
+            self.run_loops(loops, snapshots=True)
         for seed in self.seeds:
             def evaluate(seed=seed):
                 final, curves = self.evaluate_seed(seed, {m: m for m in self.methods}, "test", snapshots=True)
@@ -412,8 +526,13 @@ class Demo:
         start = time.time()
         self.prepare()
         seed = self.seeds[0]
-        runs = {f"{m}__lr{p['lr']:g}_b{p['beta']:g}": (m, p) for m in self.methods for p in grid_points(m)}
-        self.launch("sweep", [self.policy_job(seed, r, m, p, snapshots=False) for r, (m, p) in runs.items()])
+        name = lambda m, p: f"{m}__lr{p['lr']:g}" + (f"_b{p['beta']:g}" if "beta" in p else "")  # noqa: E731
+        runs = {name(m, p): (m, p) for m in self.methods for p in grid_points(m)}
+        loops = {r: (m, p) for r, (m, p) in runs.items() if METHODS[m]["trainer"] == "wmle_loop"}
+        self.launch("sweep", [self.policy_job(seed, r, m, p, snapshots=False) for r, (m, p) in runs.items()
+                              if r not in loops])
+        if loops:
+            self.run_loops(loops, snapshots=False)
 
         def evaluate():
             final, _ = self.evaluate_seed(seed, {r: m for r, (m, _) in runs.items()}, "validation", snapshots=False)
@@ -424,11 +543,11 @@ class Demo:
             final = json.load(f)
         scores, settings = {}, {}
         for r, (m, p) in runs.items():
-            scores.setdefault(m, {})[f"lr={p['lr']:g},beta={p['beta']:g}"] = {
+            scores.setdefault(m, {})[point_label(p)] = {
                 "objective": final[r]["gated_reward"], "ground_truth_reward": final[r]["ground_truth_reward"],
                 "format_validity": final[r]["format_validity"], "kl_to_sft": final[r]["kl_to_sft"]}
         for m in self.methods:
-            best = max(grid_points(m), key=lambda p: final[f"{m}__lr{p['lr']:g}_b{p['beta']:g}"]["gated_reward"])
+            best = max(grid_points(m), key=lambda p: final[name(m, p)]["gated_reward"])
             settings[m] = best
         doc = {"grid": GRID, "objective": OBJECTIVE, "seed": seed, "prompts": "validation",
                "task": {"variant": self.args.task, "label_noise": self.args.label_noise,

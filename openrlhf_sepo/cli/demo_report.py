@@ -21,7 +21,8 @@ LABELS = {"ground_truth_reward": "ground truth", "format_validity": "format vali
 COMPARISONS = [("sepo", "dpo_nll"), ("sepo", "simpo_nll"), ("sepo", "sepo_random"), ("sepo_truth", "sepo"),
                ("sepo", "sepo_paper"), ("sepo_exclude_prefix", "sepo"), ("sepo_paper_exclude_prefix", "sepo_paper"),
                ("sepo_paper", "dpo"), ("sepo_paper", "simpo"), ("w2s_sepo", "w2s_dpo_nll"),
-               ("w2s_sepo", "w2s_simpo_nll")]
+               ("w2s_sepo", "w2s_simpo_nll"), ("sepo_token_rm", "sepo"), ("wmle", "sft_chosen"), ("wmle", "sepo"),
+               ("wmle", "dpo_nll"), ("wmle_onpolicy", "wmle"), ("sft_chosen", "sft")]
 COLORS = {"sepo": "tab:green", "sepo_exclude_prefix": "tab:brown", "sepo_paper_exclude_prefix": "tab:cyan",
           "sepo_paper": "olive",
           "sepo_random": "tab:gray", "sepo_truth": "black", "dpo": "tab:blue", "simpo": "tab:orange"}
@@ -62,9 +63,12 @@ def write_report(demo) -> dict:
     times = {}
     for seed in seeds:
         done = demo.seed_path(seed, "done")
-        stages = {"data", "sft", "strong_sft", "oracle", "scores", "truth", "evaluate", *demo.methods}
+        stages = {"data", "sft", "strong_sft", "oracle", "scores", "truth", "evaluate", "token_rm", "scores_token_rm",
+                  *demo.methods}
+        loop_jobs = tuple(f"{m}_r" for m in demo.methods if METHODS[m]["trainer"] == "wmle_loop")
         for name in os.listdir(done):
-            if name.removesuffix(".done") not in stages:  # e.g. a --sweep's jobs in the same output dir
+            stage = name.removesuffix(".done")
+            if stage not in stages and not (loop_jobs and stage.startswith(loop_jobs)):  # e.g. a --sweep's jobs
                 continue
             with open(os.path.join(done, name)) as f:
                 times.setdefault(name.removesuffix(".done"), []).append(float(f.read()))
@@ -78,6 +82,11 @@ def write_report(demo) -> dict:
             side: {k: sum(evaluations[s]["selection"][f"oracle_{side}"][k] for s in seeds) / len(seeds)
                    for k in first[f"oracle_{side}"]}
             for side in ("precision", "recall")},
+        # Each scorer's per-response selection by k, mean and 95% interval over seeds: [mean, half-width].
+        scorer_selection={
+            scorer: {side: {k: list(mean_ci95([evaluations[s]["selection"][f"{scorer}_{side}"][k] for s in seeds]))
+                            for k in first[f"{scorer}_{side}"]} for side in ("precision", "recall")}
+            for scorer in ("oracle", "token_rm") if f"{scorer}_precision" in first},
         wall_time_s=wall,
         ci95={metric: {m: mv[1] for m, mv in summary[metric].items()} for metric in summary},
         per_seed=per_seed,
@@ -132,10 +141,11 @@ def _markdown(demo, evaluations, models, summary, metrics, wall):
     lines += [
         "", "## Selection against the planted key tokens", "",
         f"Key tokens of the side's sign (good words in chosen answers, bad ones in rejected) are "
-        f"{metrics['key_token_base_rate']:.1%} of response tokens. The oracle's per-response selection, by k:", "",
-        "| k | precision | recall |", "|---|---|---|",
-        *[f"| {k} | {metrics['oracle_selection']['precision'][k]:.3f} | {metrics['oracle_selection']['recall'][k]:.3f} |"
-          for k in metrics["oracle_selection"]["precision"]],
+        f"{metrics['key_token_base_rate']:.1%} of response tokens. Each scorer's per-response selection, by k "
+        "(oracle: the DPO oracle against the SFT model; token_rm: the learned token reward model):", "",
+        "| scorer | k | precision | recall |", "|---|---|---|---|",
+        *[f"| {scorer} | {k} | {_fmt(*sel['precision'][k])} | {_fmt(*sel['recall'][k])} |"
+          for scorer, sel in metrics["scorer_selection"].items() for k in sel["precision"]],
         "", "![selection](selection.png)", "",
         "## Reward against KL to the SFT model", "",
         "One point per method and checkpoint (mean over seeds), the final one with its 95% intervals.", "",
@@ -150,7 +160,8 @@ def _markdown(demo, evaluations, models, summary, metrics, wall):
         spec, s = METHODS[m], demo.settings[m]
         sel = f"{spec.get('selection')} ({spec.get('scores')})" if spec["trainer"] == "sepo" else "-"
         prefix = ("excluded" if spec.get("exclude_prefix") else "selectable") if spec["trainer"] == "sepo" else "-"
-        lines.append(f"| {m} | {s['lr']:g} | {s['beta']:g} | {spec['trainer']} | {sel} | {spec.get('k', '-')} | "
+        beta = f"{s['beta']:g}" if "beta" in s else "-"
+        lines.append(f"| {m} | {s['lr']:g} | {beta} | {spec['trainer']} | {sel} | {spec.get('k', '-')} | "
                      f"{prefix} | {spec['nll']:g} | {spec['policy']} |")
     lines += ["", f"## Sample answers (seed {seeds[0]}, test prompts)", ""]
     for m in models:
@@ -228,13 +239,15 @@ def _plots(demo, evaluations, weak, strong, metrics):
                     yerr=[metrics["ci95"][key][n] for n in names], label=key.split("_")[1], capsize=2)
     axes[0].set_xticks(list(x), names, rotation=20, fontsize=8)
     axes[0].set_title("Training selection vs planted key tokens")
-    ks = list(metrics["oracle_selection"]["precision"])
-    axes[1].bar([i - 0.2 for i in range(len(ks))], [metrics["oracle_selection"]["precision"][k] for k in ks],
-                width=0.4, label="precision")
-    axes[1].bar([i + 0.2 for i in range(len(ks))], [metrics["oracle_selection"]["recall"][k] for k in ks],
-                width=0.4, label="recall")
+    scorers = metrics["scorer_selection"]
+    ks = list(scorers["oracle"]["precision"])
+    width = 0.8 / (2 * len(scorers))
+    for n, (scorer, side) in enumerate((sc, sd) for sc in scorers for sd in ("precision", "recall")):
+        values = [scorers[scorer][side][k] for k in ks]
+        axes[1].bar([i - 0.4 + (n + 0.5) * width for i in range(len(ks))], [v[0] for v in values], width=width,
+                    yerr=[v[1] if v[1] == v[1] else 0 for v in values], capsize=2, label=f"{scorer} {side}")
     axes[1].set_xticks(range(len(ks)), [f"k={k}" for k in ks])
-    axes[1].set_title("Oracle selection by k")
+    axes[1].set_title("Scorer selection by k")
     for ax in axes:
         ax.axhline(metrics["key_token_base_rate"], color="black", linestyle="--", label="key-token base rate")
         ax.set_ylim(0, 1.05)

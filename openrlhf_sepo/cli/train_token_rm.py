@@ -8,7 +8,7 @@ ranked-list columns ``--data.responses_key`` / ``--data.scores_key``. ``--data.d
 hold ranked lists or ordinary preference pairs (lists of two); responses are tokenized as ``train_dpo`` tokenizes
 a chosen response. The saved model is OpenRLHF's critic-type value-head model; its config records
 ``value_head_prefix`` and ``token_rm`` (activation, aggregation, tau), which ``score_tokens --scorer token_rm``
-reads.
+reads. Given such a checkpoint as ``--model.model_name_or_path``, training continues from its trained head.
 """
 
 import argparse
@@ -150,6 +150,7 @@ def train(args):
     """train_rm's wiring with a critic-type (every position) value-head model, ranked lists and ListMLE."""
     from openrlhf.models import get_llm_for_sequence_regression
     from openrlhf.utils import get_strategy, get_tokenizer
+    from transformers import AutoConfig
 
     from openrlhf_sepo.token_rm_data import ListDataError
     from openrlhf_sepo.token_rm_trainer import TokenRewardModelTrainer
@@ -170,17 +171,23 @@ def train(args):
         raise ListDataError(f"{len(train_dataset)} training lists is fewer than one --train.batch_size "
                          f"({args.train.batch_size})")
 
+    # A train_token_rm checkpoint continues with its trained head (the on-policy loop retrains the token RM each
+    # round); any other causal LM gets a fresh head, near zero.
+    config = AutoConfig.from_pretrained(args.model.model_name_or_path, trust_remote_code=True)
+    continuing = isinstance(getattr(config, CONFIG_KEY, None), dict)
+    strategy.print(f"train_token_rm: {'continuing the token RM' if continuing else 'a new value head on'} "
+                   f"{args.model.model_name_or_path}")
     model = get_llm_for_sequence_regression(
         args.model.model_name_or_path, "critic",
         attn_implementation=args.ds.attn_implementation,
         experts_implementation=args.ds.experts_implementation,
         param_dtype=args.ds.param_dtype,
         ds_config=strategy.get_ds_train_config(),
-        init_value_head=True,
+        init_value_head=not continuing,
         value_head_prefix=args.ds.value_head_prefix,
     )
     # In the config from the start, so that every HF save (--ckpt.save_hf, the final one) can be scored.
-    model.config.value_head_prefix = args.ds.value_head_prefix
+    model.config.value_head_prefix = model.value_head_prefix  # the flag's, or a continued checkpoint's own
     setattr(model.config, CONFIG_KEY, {"activation": args.token_rm.activation,
                                        "aggregation": args.token_rm.aggregation, "tau": args.token_rm.tau})
     tokenizer = get_tokenizer(args.model.model_name_or_path, model, "right", strategy, use_fast=use_fast)
