@@ -317,3 +317,27 @@ def test_parser_keeps_train_rm_names_and_defaults():
                         "data.chosen_key": "chosen", "data.rejected_key": "rejected", "data.prompt_key": None,
                         "token_rm.activation": "softplus", "token_rm.aggregation": "avg", "token_rm.tau": 2.0}.items():
         assert defaults[dest] == value, dest
+
+
+@pytest.mark.slow
+def test_one_rank_run_on_preference_pairs_scores_into_a_sepo_scores_dir(tiny_dir, run, tmp_path):
+    """Ordinary pairs (UltraFeedback shape, chat template, no prompt key) on 1 rank; the saved token RM then scores
+    the same pairs (score_tokens --scorer token_rm) into a scores dir that TokenScoreDataset loads for SePO."""
+    from openrlhf.utils import get_tokenizer
+
+    from openrlhf_sepo.datasets import TokenScoreDataset
+
+    out, scores = str(tmp_path / "rm"), str(tmp_path / "scores")
+    proc = run("openrlhf_sepo.cli.train_token_rm", [
+        "--model.model_name_or_path", os.path.join(tiny_dir, "base"), "--data.dataset",
+        os.path.join(tiny_dir, "pairs.jsonl"), "--data.apply_chat_template", *TINY, "--ds.zero_stage", "0",
+        "--ckpt.output_dir", out, "--token_rm.activation", "sigmoid", "--token_rm.aggregation", "sum"])
+    assert "RankedListDataset (--data.dataset): 48 pairs kept of 48 rows, 96 responses (K 2-2)" in proc.stdout
+    run("openrlhf_sepo.cli.score_tokens", ["--scorer", "token_rm", "--token_rm.model_name_or_path", out,
+                                          "--data.dataset", os.path.join(tiny_dir, "pairs.jsonl"),
+                                          "--data.apply_chat_template", "--data.max_len", "128", "--output_dir", scores])
+    tokenizer = get_tokenizer(os.path.join(tiny_dir, "tokenizer"), None, "right", None)
+    dataset = TokenScoreDataset(scores, tokenizer, 128)
+    assert len(dataset) == 48
+    values = torch.tensor(dataset.data["chosen_scores"][0])
+    assert ((0 < values) & (values < 1)).all()  # sigmoid-bounded token rewards

@@ -134,6 +134,16 @@ def test_dataset_names_the_row_and_the_flag(tiny_pairs, negative_dir):
         WeightedSFTDataset(negative_dir, tokenizer, 20, weight="exp")
 
 
+def test_scores_of_another_tokenizer_are_refused(tiny_pairs, write_score_dir, tmp_path):
+    """Token rewards from a scorer (e.g. a token RM) whose tokenizer is not the policy's: the ids would not be the
+    trained ids, so the dataset refuses them, naming both fingerprints."""
+    tokenizer, pairs = tiny_pairs
+    other = write_score_dir(str(tmp_path / "scores"), tokenizer, pairs, positive_scores(tokenizer),
+                            fingerprint="0123456789abcdef")
+    with pytest.raises(ScoreDataError, match="fingerprint 0123456789abcdef"):
+        WeightedSFTDataset(other, tokenizer, 128)
+
+
 # (c) the loss identity
 
 def test_openrlhf_sft_loss_on_the_weights_is_the_weighted_mle(tiny_dir, tiny_pairs, scores_dir):

@@ -87,6 +87,12 @@ def write_report(demo) -> dict:
             scorer: {side: {k: list(mean_ci95([evaluations[s]["selection"][f"{scorer}_{side}"][k] for s in seeds]))
                             for k in first[f"{scorer}_{side}"]} for side in ("precision", "recall")}
             for scorer in ("oracle", "token_rm") if f"{scorer}_precision" in first},
+        # token_rm - oracle, seed by seed (both scorers select on the same pairs of a seed): [mean, half-width].
+        scorer_selection_differences={
+            side: {k: list(mean_ci95([evaluations[s]["selection"][f"token_rm_{side}"][k]
+                                      - evaluations[s]["selection"][f"oracle_{side}"][k] for s in seeds]))
+                   for k in first[f"oracle_{side}"]} for side in ("precision", "recall")}
+        if "token_rm_precision" in first else {},
         wall_time_s=wall,
         ci95={metric: {m: mv[1] for m, mv in summary[metric].items()} for metric in summary},
         per_seed=per_seed,
@@ -146,6 +152,9 @@ def _markdown(demo, evaluations, models, summary, metrics, wall):
         "| scorer | k | precision | recall |", "|---|---|---|---|",
         *[f"| {scorer} | {k} | {_fmt(*sel['precision'][k])} | {_fmt(*sel['recall'][k])} |"
           for scorer, sel in metrics["scorer_selection"].items() for k in sel["precision"]],
+        *[f"| token_rm - oracle (seed by seed) | {k} | {_fmt(*d['precision'][k], signed=True)} | "
+          f"{_fmt(*d['recall'][k], signed=True)} |"
+          for d in [metrics["scorer_selection_differences"]] if d for k in d["precision"]],
         "", "![selection](selection.png)", "",
         "## Reward against KL to the SFT model", "",
         "One point per method and checkpoint (mean over seeds), the final one with its 95% intervals.", "",

@@ -10,10 +10,9 @@ tokenization flags (``--data.prompt_key`` ... ``--data.tokenizer_chat_template``
 
 import argparse
 import math
-import os
 import sys
-from datetime import datetime
 
+from openrlhf_sepo.cli.common import add_training_flags, prepare_and_resume, setup_dataloaders
 from openrlhf_sepo.datasets import SELECTION_MODES, ScoreDataError, TokenScoreDataset, read_manifest
 
 
@@ -32,45 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The train_sepo argument parser (flat dotted names, as OpenRLHF's; ``hierarchize`` nests them)."""
     parser = argparse.ArgumentParser(prog="train_sepo", description=__doc__.split("\n")[0])
     add = parser.add_argument
-    # Checkpoints
-    add("--ckpt.output_dir", type=str, default="./ckpt")
-    add("--ckpt.save_steps", type=int, default=-1)
-    add("--ckpt.save_hf", action="store_true", default=False)
-    add("--ckpt.disable_ds", action="store_true", default=False)
-    add("--logger.logging_steps", type=int, default=1)
-    add("--eval.steps", type=int, default=-1)
-    add("--ckpt.path", type=str, default="./ckpt/checkpoints_sepo")
-    add("--ckpt.max_num", type=int, default=3)
-    add("--ckpt.max_mem", type=int, default=int(1e8))
-    add("--ds.use_universal_ckpt", action="store_true", default=False)
-
-    # DeepSpeed
-    add("--train.micro_batch_size", type=int, default=8, help="batch size per GPU")
-    add("--train.batch_size", type=int, default=128, help="Global training batch size")
-    add("--ckpt.load_enable", action="store_true", default=False)
-    add("--model.gradient_checkpointing_enable", action="store_true", default=False)
-    add("--ds.deepcompile", action="store_true", default=False)
-    add("--train.seed", type=int, default=42)
-    add("--train.full_determinism_enable", action="store_true", default=False)
-    add("--data.disable_fast_tokenizer", action="store_true", default=False)
-    add("--data.dataloader_num_workers", type=int, default=0)
-    add("--local_rank", type=int, default=-1, help="local_rank for deepspeed")
-    add("--ds.zero_stage", type=int, default=2)
-    add("--ds.param_dtype", type=str, default="bf16", choices=["bf16", "fp16"])
-    add("--ds.zpg", type=int, default=1, help="ZeRO++ max partition size")
-    add("--ds.adam_offload", action="store_true", default=False)
-    add("--ds.attn_implementation", type=str, default="flash_attention_2")
-    add("--ds.experts_implementation", type=str, default=None, choices=["eager", "batched_mm", "grouped_mm", "deepgemm"])
+    add_training_flags(add, name="sepo", run_prefix="exp", lr=1e-5, micro_batch_size=8, max_epochs=1, max_len=512,
+                       model_help="the policy's start (e.g. the SFT model)",
+                       data_help="score_tokens output dir(s), comma-separated",
+                       eval_help="score_tokens output dir(s) for evaluation")
     add("--ds.use_liger_kernel", action="store_true", default=False)
-    add("--ds.grad_accum_dtype", type=str, default=None)
-    add("--ds.overlap_comm", action="store_true", default=False)
-    add("--model.gradient_checkpointing_reentrant", action="store_true", default=False)
-    add("--ds.tensor_parallel_size", type=int, default=1)
 
-    # Training; the NLL and MoE regularisers are OpenRLHF's
-    add("--train.max_epochs", type=int, default=1)
-    add("--model.aux_loss_coef", type=float, default=0, help="MoE balancing loss")
-    # Default 1, not train_dpo's 0: SePO has no reference model to anchor the policy, and on the benchmark
+    # OpenRLHF's NLL term. Default 1, not train_dpo's 0: SePO has no reference model to anchor the policy, and on the benchmark
     # (docs/benchmark.md) every preference-only loss broke the answer format at every learning rate tried,
     # while the NLL term kept it. --model.nll_loss_coef 0 gives the published objective.
     add("--model.nll_loss_coef", type=float, default=1.0, help="NLL over the whole chosen response (0: published SePO)")
@@ -91,22 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the LM head and log-softmax at every position (OpenRLHF's Actor.forward); default: at the "
              "selected positions only")
 
-    # Optimizer + scheduler + grad clip (OpenRLHF's)
-    add("--optim", type=str, default="adam", choices=["adam", "muon"])
-    add("--muon.lr", type=float, default=0.02)
-    add("--muon.momentum", type=float, default=0.95)
-    add("--muon.ns_steps", type=int, default=5)
-    add("--muon.nesterov", action="store_true", default=True)
-    add("--muon.no_nesterov", dest="muon.nesterov", action="store_false")
-    add("--adam.lr", type=float, default=1e-5)
-    add("--adam.betas", type=float, nargs=2, default=(0.9, 0.95))
-    add("--adam.eps", type=float, default=1e-8)
-    add("--adam.weight_decay", type=float, default=0.0)
-    add("--lr_scheduler", type=str, default="cosine_with_min_lr")
-    add("--lr_warmup_ratio", type=float, default=0.03)
-    add("--min_lr_ratio", type=float, default=0.1)
-    add("--max_norm", type=float, default=1.0, help="Gradient clipping")
-
     # Context parallel, LoRA, packing (OpenRLHF's, through its Actor)
     add("--ds.ring_attn_size", type=int, default=1)
     add("--ds.ring_attn_head_stride", type=int, default=1)
@@ -116,21 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ds.lora.target_modules", type=str, nargs="*", default="all-linear")
     add("--ds.lora.dropout", type=float, default=0)
     add("--ds.packing_samples", action="store_true", default=False)
-
-    # Model and data
-    add("--model.model_name_or_path", type=str, default=None)
-    add("--data.dataset", type=str, default=None, help="score_tokens output dir(s), comma-separated")
-    add("--eval.dataset", type=str, default=None, help="score_tokens output dir(s) for evaluation")
-    add("--data.max_samples", type=int, default=1000000)
-    add("--data.max_len", type=int, default=512, help="longest scored row accepted (prompt + response)")
-
-    # Loggers
-    add("--logger.wandb.key", type=str, default=None)
-    add("--logger.wandb.org", type=str, default=None)
-    add("--logger.wandb.group", type=str, default=None)
-    add("--logger.wandb.project", type=str, default="openrlhf_train_sepo")
-    add("--logger.wandb.run_name", type=str, default="exp_%s" % datetime.now().strftime("%m%dT%H:%M"))
-    add("--logger.tensorboard_dir", type=str, default=None)
     return parser
 
 
@@ -211,37 +147,10 @@ def train(args):
             gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant}
         )
 
-    train_dataloader = strategy.setup_dataloader(
-        train_dataset, args.train.micro_batch_size, True, True, train_dataset.collate_fn,
-        num_workers=args.data.dataloader_num_workers,
-    )
-    eval_dataloader = None
-    if eval_dataset is not None:
-        eval_dataloader = strategy.setup_dataloader(
-            eval_dataset, args.train.micro_batch_size, True, False, eval_dataset.collate_fn, drop_last=False,
-            num_workers=args.data.dataloader_num_workers,
-        )
-
+    train_dataloader, eval_dataloader = setup_dataloaders(strategy, args, train_dataset, eval_dataset)
     max_steps = math.ceil(args.train.max_epochs * num_update_steps_per_epoch)
-    cfg = dict(
-        optim=args.optim,
-        muon=vars(args.muon),
-        adam=vars(args.adam),
-        lr_scheduler=args.lr_scheduler,
-        lr_warmup_ratio=args.lr_warmup_ratio,
-        min_lr_ratio=args.min_lr_ratio,
-        max_norm=args.max_norm,
-        scheduler_steps=max_steps,
-    )
-    model, optim, scheduler = strategy.prepare((model, cfg))
-
-    consumed_samples = 0
-    if args.ckpt.load_enable and os.path.exists(args.ckpt.path):
-        load_path, states = strategy.load_ckpt(model.model, args.ckpt.path)
-        if load_path is not None:
-            consumed_samples = states["consumed_samples"]
-            strategy.print(f"Loaded the checkpoint: {args.ckpt.path}, consumed_samples: {consumed_samples}")
-    os.makedirs(args.ckpt.output_dir, exist_ok=True)
+    model, optim, scheduler, consumed_samples = prepare_and_resume(strategy, model, args, max_steps,
+                                                                   engine=lambda actor: actor.model)
 
     trainer = SelectiveDPOTrainer(
         model=model,

@@ -13,10 +13,9 @@ reads. Given such a checkpoint as ``--model.model_name_or_path``, training conti
 
 import argparse
 import math
-import os
 import sys
-from datetime import datetime
 
+from openrlhf_sepo.cli.common import add_training_flags, prepare_and_resume, setup_dataloaders
 from openrlhf_sepo.token_rm import ACTIVATIONS, AGGREGATIONS, CONFIG_KEY
 
 
@@ -24,47 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The train_token_rm argument parser (flat dotted names, as OpenRLHF's; ``hierarchize`` nests them)."""
     parser = argparse.ArgumentParser(prog="train_token_rm", description=__doc__.split("\n")[0])
     add = parser.add_argument
-    # Checkpoints
-    add("--ckpt.output_dir", type=str, default="./ckpt")
-    add("--ckpt.save_steps", type=int, default=-1)
-    add("--ckpt.save_hf", action="store_true", default=False)
-    add("--ckpt.disable_ds", action="store_true", default=False)
-    add("--logger.logging_steps", type=int, default=1)
-    add("--eval.steps", type=int, default=-1)
-    add("--ckpt.path", type=str, default="./ckpt/checkpoints_token_rm")
-    add("--ckpt.max_num", type=int, default=3)
-    add("--ckpt.max_mem", type=int, default=int(1e8))
-    add("--ckpt.load_enable", action="store_true", default=False)
-    add("--ds.use_universal_ckpt", action="store_true", default=False)
-
-    # DeepSpeed
-    add("--model.gradient_checkpointing_enable", action="store_true", default=False)
-    add("--ds.deepcompile", action="store_true", default=False)
-    add("--train.seed", type=int, default=42)
-    add("--train.full_determinism_enable", action="store_true", default=False)
-    add("--local_rank", type=int, default=-1, help="local_rank for deepspeed")
-    add("--ds.zero_stage", type=int, default=2)
-    add("--ds.param_dtype", type=str, default="bf16", choices=["bf16", "fp16"])
-    add("--ds.zpg", type=int, default=1, help="ZeRO++ max partition size")
-    add("--ds.adam_offload", action="store_true", default=False)
-    add("--ds.attn_implementation", type=str, default="flash_attention_2")
-    add("--ds.experts_implementation", type=str, default=None, choices=["eager", "batched_mm", "grouped_mm", "deepgemm"])
-    add("--ds.grad_accum_dtype", type=str, default=None)
-    add("--ds.overlap_comm", action="store_true", default=False)
-    add("--model.gradient_checkpointing_reentrant", action="store_true", default=False)
-    add("--data.disable_fast_tokenizer", action="store_true", default=False)
-    add("--data.dataloader_num_workers", type=int, default=0)
-    add("--ds.tensor_parallel_size", type=int, default=1)
+    add_training_flags(add, name="token_rm", run_prefix="token_rm", lr=9e-6, micro_batch_size=1, max_epochs=1,
+                       max_len=512, model_help="backbone: a causal LM (e.g. the SFT model), or a train_token_rm "
+                       "checkpoint to continue", data_help="ranked lists or preference pairs (OpenRLHF's syntax)",
+                       eval_help="held-out lists: ranking accuracy, Kendall tau, ListMLE")
 
     # Model
-    add("--model.model_name_or_path", type=str, default=None, help="backbone: a causal LM (e.g. the SFT model)")
     add("--ds.value_head_prefix", type=str, default="score")
-
-    # Training (train_rm's defaults)
-    add("--train.max_epochs", type=int, default=1)
-    add("--model.aux_loss_coef", type=float, default=0, help="MoE balancing loss")
-    add("--train.micro_batch_size", type=int, default=1, help="lists per GPU")
-    add("--train.batch_size", type=int, default=128, help="global training batch size, in lists")
 
     # Token reward model
     add("--token_rm.activation", type=str, default="softplus", choices=list(ACTIVATIONS),
@@ -73,29 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequence score from token rewards: avg (Lbar * mean), sum, softmax / softmin (Lbar * soft max / min)")
     add("--token_rm.tau", type=float, default=2.0, help="temperature of softmax / softmin, > 0")
 
-    # Optimizer + scheduler + grad clip (OpenRLHF's)
-    add("--optim", type=str, default="adam", choices=["adam", "muon"])
-    add("--muon.lr", type=float, default=0.02)
-    add("--muon.momentum", type=float, default=0.95)
-    add("--muon.ns_steps", type=int, default=5)
-    add("--muon.nesterov", action="store_true", default=True)
-    add("--muon.no_nesterov", dest="muon.nesterov", action="store_false")
-    add("--adam.lr", type=float, default=9e-6)
-    add("--adam.betas", type=float, nargs=2, default=(0.9, 0.95))
-    add("--adam.eps", type=float, default=1e-8)
-    add("--adam.weight_decay", type=float, default=0.0)
-    add("--lr_scheduler", type=str, default="cosine_with_min_lr")
-    add("--lr_warmup_ratio", type=float, default=0.03)
-    add("--min_lr_ratio", type=float, default=0.1)
-    add("--max_norm", type=float, default=1.0, help="Gradient clipping")
-
     # Data: ranked lists (prompt, responses, scores) or preference pairs (chosen, rejected)
-    add("--data.dataset", type=str, default=None, help="ranked lists or preference pairs (OpenRLHF's syntax)")
     add("--data.dataset_probs", type=str, default=None)
-    add("--eval.dataset", type=str, default=None, help="held-out lists: ranking accuracy, Kendall tau, ListMLE")
     add("--data.dataset_split", type=str, default="train")
     add("--eval.split", type=str, default="train")
-    add("--data.max_samples", type=int, default=1000000)
     add("--data.prompt_key", type=str, default=None)
     add("--data.chosen_key", type=str, default="chosen")
     add("--data.rejected_key", type=str, default="rejected")
@@ -104,15 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data.input_template", type=str, default=None)
     add("--data.apply_chat_template", action="store_true", default=False)
     add("--data.tokenizer_chat_template", type=str, default=None)
-    add("--data.max_len", type=int, default=512)
 
     # Loggers
-    add("--logger.wandb.key", type=str, default=None)
-    add("--logger.wandb.org", type=str, default=None)
-    add("--logger.wandb.group", type=str, default=None)
-    add("--logger.wandb.project", type=str, default="openrlhf_train_token_rm")
-    add("--logger.wandb.run_name", type=str, default="token_rm_%s" % datetime.now().strftime("%m%dT%H:%M"))
-    add("--logger.tensorboard_dir", type=str, default=None)
     add("--use_ms", action="store_true", default=False)
     return parser
 
@@ -197,30 +136,9 @@ def train(args):
             gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant}
         )
 
-    train_dataloader = strategy.setup_dataloader(
-        train_dataset, args.train.micro_batch_size, True, True, train_dataset.collate_fn,
-        num_workers=args.data.dataloader_num_workers,
-    )
-    eval_dataloader = None
-    if eval_dataset is not None:
-        eval_dataloader = strategy.setup_dataloader(
-            eval_dataset, args.train.micro_batch_size, True, False, eval_dataset.collate_fn, drop_last=False,
-            num_workers=args.data.dataloader_num_workers,
-        )
-
+    train_dataloader, eval_dataloader = setup_dataloaders(strategy, args, train_dataset, eval_dataset)
     max_steps = math.ceil(args.train.max_epochs * num_update_steps_per_epoch)
-    cfg = dict(optim=args.optim, muon=vars(args.muon), adam=vars(args.adam), lr_scheduler=args.lr_scheduler,
-               lr_warmup_ratio=args.lr_warmup_ratio, min_lr_ratio=args.min_lr_ratio, max_norm=args.max_norm,
-               scheduler_steps=max_steps)
-    model, optim, scheduler = strategy.prepare((model, cfg))
-
-    consumed_samples = 0
-    if args.ckpt.load_enable and os.path.exists(args.ckpt.path):
-        load_path, states = strategy.load_ckpt(model, args.ckpt.path)
-        if load_path is not None:
-            consumed_samples = states["consumed_samples"]
-            strategy.print(f"Loaded the checkpoint: {args.ckpt.path}, consumed_samples: {consumed_samples}")
-    os.makedirs(args.ckpt.output_dir, exist_ok=True)
+    model, optim, scheduler, consumed_samples = prepare_and_resume(strategy, model, args, max_steps)
 
     trainer = TokenRewardModelTrainer(
         model=model, strategy=strategy, optim=optim, train_dataloader=train_dataloader,
