@@ -80,6 +80,31 @@ def read_manifest(score_dir: str) -> dict:
     return manifest
 
 
+def open_scores(score_dir: str, tokenizer, columns, max_samples: int = 100000000):
+    """(manifest, rows) of one finished scores dir for training with ``tokenizer``: the first ``max_samples`` rows as
+    an HF dataset. ``ScoreDataError`` if the scores were made with another tokenizer (manifest fingerprint: the scored
+    ids would not be the trained ids), the parquet is missing, or it lacks one of ``columns``."""
+    import datasets as hf_datasets
+
+    manifest = read_manifest(score_dir)
+    expected = tokenizer_fingerprint(tokenizer)
+    if manifest["tokenizer"]["fingerprint"] != expected:
+        raise ScoreDataError(
+            f"{score_dir!r} was scored with tokenizer {manifest['tokenizer'].get('name_or_path')!r} "
+            f"(fingerprint {manifest['tokenizer']['fingerprint']}), but training uses "
+            f"{getattr(tokenizer, 'name_or_path', '?')!r} (fingerprint {expected}): the scored ids would "
+            "not be the trained ids. Re-score with the policy's tokenizer."
+        )
+    data_dir = os.path.join(score_dir, "data")
+    if not os.path.isdir(data_dir) or not any(f.endswith(".parquet") for f in os.listdir(data_dir)):
+        raise ScoreDataError(f"{score_dir!r} has no data/*.parquet")
+    part = hf_datasets.load_dataset("parquet", data_dir=data_dir, split="train")
+    missing = [c for c in columns if c not in part.column_names]
+    if missing:
+        raise ScoreDataError(f"{score_dir!r}: parquet lacks columns {missing}")
+    return manifest, part.select(range(min(max_samples, len(part))))
+
+
 def _list_column(table, name):
     """(flat numpy values, per-row lengths) of a list column of a pyarrow table."""
     import pyarrow.compute as pc
@@ -177,25 +202,9 @@ class TokenScoreDataset(Dataset):
         self.exclude_common_prefix, self.seed = exclude_common_prefix, seed
         log = strategy.print if strategy is not None else print
 
-        expected = tokenizer_fingerprint(tokenizer)
         parts, prompt_lens, prefixes, scores = [], [], [], {"chosen": ([], []), "rejected": ([], [])}
         for score_dir in [d.strip() for d in dataset.split(",") if d.strip()]:
-            manifest = read_manifest(score_dir)
-            if manifest["tokenizer"]["fingerprint"] != expected:
-                raise ScoreDataError(
-                    f"{score_dir!r} was scored with tokenizer {manifest['tokenizer'].get('name_or_path')!r} "
-                    f"(fingerprint {manifest['tokenizer']['fingerprint']}), but training uses "
-                    f"{getattr(tokenizer, 'name_or_path', '?')!r} (fingerprint {expected}): the scored ids would "
-                    "not be the trained ids. Re-score with the policy's tokenizer."
-                )
-            data_dir = os.path.join(score_dir, "data")
-            if not os.path.isdir(data_dir) or not any(f.endswith(".parquet") for f in os.listdir(data_dir)):
-                raise ScoreDataError(f"{score_dir!r} has no data/*.parquet")
-            part = hf_datasets.load_dataset("parquet", data_dir=data_dir, split="train")
-            missing = [c for c in REQUIRED_COLUMNS if c not in part.column_names]
-            if missing:
-                raise ScoreDataError(f"{score_dir!r}: parquet lacks columns {missing}")
-            part = part.select(range(min(max_samples, len(part))))
+            manifest, part = open_scores(score_dir, tokenizer, REQUIRED_COLUMNS, max_samples)
             table = part.with_format("arrow")[:]
             self._check_rows(score_dir, manifest, table, prompt_lens, scores)
             prefixes.append(common_prefix_lengths(*_list_column(table, "chosen_input_ids"),

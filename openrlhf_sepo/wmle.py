@@ -28,15 +28,13 @@ and ranks): ``wmle_loss`` (the objective, exactly), ``nll`` (plain mean NLL over
 reference), ``weight_max`` and ``weight_entropy`` (how peaked the weights are), and the same under ``eval/``.
 """
 
-import os
 
 import numpy as np
 import torch
 from openrlhf.trainer.sft_trainer import SFTTrainer
 from torch.utils.data import Dataset
 
-from openrlhf_sepo.datasets import ScoreDataError, _first_rows, _list_column, read_manifest
-from openrlhf_sepo.scoring import tokenizer_fingerprint
+from openrlhf_sepo.datasets import ScoreDataError, _first_rows, _list_column, open_scores
 
 WEIGHTS = ("reward", "exp")
 SIDES = ("chosen", "rejected")
@@ -146,25 +144,9 @@ class WeightedSFTDataset(Dataset):
         ids_column, scores_column = f"{side}_input_ids", f"{side}_scores"
         log = strategy.print if strategy is not None else print
 
-        expected = tokenizer_fingerprint(tokenizer)
         parts, prompt_lens, weights, lengths = [], [], [], []
         for score_dir in [d.strip() for d in dataset.split(",") if d.strip()]:
-            manifest = read_manifest(score_dir)
-            if manifest["tokenizer"]["fingerprint"] != expected:
-                raise ScoreDataError(
-                    f"{score_dir!r} was scored with tokenizer {manifest['tokenizer'].get('name_or_path')!r} "
-                    f"(fingerprint {manifest['tokenizer']['fingerprint']}), but training uses "
-                    f"{getattr(tokenizer, 'name_or_path', '?')!r} (fingerprint {expected}): the scored ids would "
-                    "not be the trained ids. Re-score with the policy's tokenizer."
-                )
-            data_dir = os.path.join(score_dir, "data")
-            if not os.path.isdir(data_dir) or not any(f.endswith(".parquet") for f in os.listdir(data_dir)):
-                raise ScoreDataError(f"{score_dir!r} has no data/*.parquet")
-            part = hf_datasets.load_dataset("parquet", data_dir=data_dir, split="train")
-            missing = [c for c in ("prompt_len", ids_column, scores_column) if c not in part.column_names]
-            if missing:
-                raise ScoreDataError(f"{score_dir!r}: parquet lacks columns {missing}")
-            part = part.select(range(min(max_samples, len(part))))
+            manifest, part = open_scores(score_dir, tokenizer, ("prompt_len", ids_column, scores_column), max_samples)
             table = part.with_format("arrow")[:]
             prompt_len, values, n_scores = self._check_rows(score_dir, manifest, table)
             try:

@@ -1,7 +1,7 @@
 """What the package's trainers (``train_sepo``, ``train_wmle``, ``train_token_rm``) share with OpenRLHF's
 ``train_*`` entrypoints: the checkpoint, DeepSpeed, optimizer, scheduler and logger flags (OpenRLHF's names; the
-defaults that differ between OpenRLHF's entrypoints are arguments), the dataloaders, and the optimizer set-up with
-resume from an OpenRLHF checkpoint."""
+defaults that differ between OpenRLHF's entrypoints are arguments), the policy model of the two that train one, the
+dataloaders, and the optimizer set-up with resume from an OpenRLHF checkpoint."""
 
 import os
 from datetime import datetime
@@ -79,6 +79,36 @@ def add_training_flags(add, *, name: str, run_prefix: str, lr: float, micro_batc
     add("--logger.wandb.project", type=str, default=f"openrlhf_train_{name}")
     add("--logger.wandb.run_name", type=str, default=f"{run_prefix}_%s" % datetime.now().strftime("%m%dT%H:%M"))
     add("--logger.tensorboard_dir", type=str, default=None)
+
+
+def load_actor(args, strategy):
+    """(OpenRLHF ``Actor`` built from the ``--model.*`` / ``--ds.*`` flags as ``train_dpo`` and ``train_sft`` build it,
+    its tokenizer (right padding)); gradient checkpointing on with ``--model.gradient_checkpointing_enable``."""
+    from openrlhf.models import Actor
+    from openrlhf.utils import get_tokenizer
+
+    model = Actor(
+        args.model.model_name_or_path,
+        attn_implementation=args.ds.attn_implementation,
+        experts_implementation=args.ds.experts_implementation,
+        param_dtype=args.ds.param_dtype,
+        load_in_4bit=args.ds.load_in_4bit,
+        lora_rank=args.ds.lora.rank,
+        lora_alpha=args.ds.lora.alpha,
+        lora_dropout=args.ds.lora.dropout,
+        target_modules=args.ds.lora.target_modules,
+        ds_config=strategy.get_ds_train_config(),
+        packing_samples=args.ds.packing_samples,
+        use_liger_kernel=args.ds.use_liger_kernel,
+    )
+    tokenizer = get_tokenizer(args.model.model_name_or_path, model.model, "right", strategy,
+                              use_fast=not args.data.disable_fast_tokenizer)
+    strategy.print(model)
+    if args.model.gradient_checkpointing_enable:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant}
+        )
+    return model, tokenizer
 
 
 def setup_dataloaders(strategy, args, train_dataset, eval_dataset=None):

@@ -12,7 +12,7 @@ import argparse
 import math
 import sys
 
-from openrlhf_sepo.cli.common import add_training_flags, prepare_and_resume, setup_dataloaders
+from openrlhf_sepo.cli.common import add_training_flags, load_actor, prepare_and_resume, setup_dataloaders
 from openrlhf_sepo.datasets import SELECTION_MODES, ScoreDataError, TokenScoreDataset, read_manifest
 
 
@@ -108,7 +108,6 @@ def train(args):
 
     The data is loaded before the model, so a tokenizer mismatch or a bad row fails in seconds.
     """
-    from openrlhf.models import Actor
     from openrlhf.utils import get_strategy, get_tokenizer
 
     from openrlhf_sepo.trainer import SelectiveDPOTrainer
@@ -126,26 +125,7 @@ def train(args):
             f"{len(train_dataset)} training pairs is fewer than one --train.batch_size ({args.train.batch_size})"
         )
 
-    model = Actor(
-        args.model.model_name_or_path,
-        attn_implementation=args.ds.attn_implementation,
-        experts_implementation=args.ds.experts_implementation,
-        param_dtype=args.ds.param_dtype,
-        load_in_4bit=args.ds.load_in_4bit,
-        lora_rank=args.ds.lora.rank,
-        lora_alpha=args.ds.lora.alpha,
-        lora_dropout=args.ds.lora.dropout,
-        target_modules=args.ds.lora.target_modules,
-        ds_config=strategy.get_ds_train_config(),
-        packing_samples=args.ds.packing_samples,
-        use_liger_kernel=args.ds.use_liger_kernel,
-    )
-    tokenizer = get_tokenizer(args.model.model_name_or_path, model.model, "right", strategy, use_fast=use_fast)
-    strategy.print(model)
-    if args.model.gradient_checkpointing_enable:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant}
-        )
+    model, tokenizer = load_actor(args, strategy)
 
     train_dataloader, eval_dataloader = setup_dataloaders(strategy, args, train_dataset, eval_dataset)
     max_steps = math.ceil(args.train.max_epochs * num_update_steps_per_epoch)
