@@ -12,6 +12,12 @@
   ``shared`` (both share every token but the key words: the adversarial case for token selection) and
   ``mixed`` (independent, but chosen holds one bad key word and rejected one good one), each optionally with
   label noise (a fraction of pairs flipped).
+- The *style task* (controllable generation, for TKPO): a prompt asks for the note in one of ``STYLES``
+  ("... in a plain style."), the answer has the same template with its ``N_SLOTS`` closing words drawn from that
+  style's word set (the sets are disjoint from each other and from every other word of both tasks).
+  ``swap_style`` gives the counterfactual prompt, ``style_token_signs`` the true per-token signs,
+  ``style_adherence`` scores any answer, ``parse_style_answer`` / ``is_well_formed_style`` check its format;
+  ``build_style_tokenizer`` covers both tasks (``build_tokenizer``'s vocabulary is left as it was).
 - ``write_sft_data`` (UltraChat-style message lists), ``write_preference_data`` (UltraFeedback-binarized
   shape or plain strings), ``write_ranked_lists`` (a prompt, K answers, their ground-truth scores), as JSONL that
   OpenRLHF's ``--data.dataset`` reads.
@@ -253,6 +259,185 @@ def write_ranked_lists(path: str, n: int = 32, k: int = 4, seed: int = 0) -> str
     return _write_jsonl(path, make_ranked_lists(n, k, seed))
 
 
+# ---- The style task (controllable generation: TKPO's negative is the same model under the swapped style) ----
+
+# Disjoint from each other, from the style names, and from every word of the key-word task (FILLER, GOOD_WORDS,
+# BAD_WORDS, all topics, the templates), so that each slot word names exactly one style.
+STYLES = {
+    "plain": ["bare", "brief", "terse", "crisp", "tidy", "basic", "brisk", "neat", "spare", "dry"],
+    "florid": ["radiant", "luminous", "gilded", "velvet", "splendid", "glorious", "lavish", "majestic",
+               "opulent", "shimmering"],
+}
+STYLE_SWAP = {"plain": "florid", "florid": "plain"}
+_STYLE_OF = {word: style for style, words in STYLES.items() for word in words}
+_STYLE_WORD = re.compile(r"\b(" + "|".join(_STYLE_OF) + r")\b")
+
+
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {sorted(STYLES)}, got {style!r}")
+
+
+def style_prompt(topic: str, style: str) -> str:
+    """``Write a short note about the {topic} in a {style} style.``"""
+    _check_style(style)
+    return f"Write a short note about the {topic} in a {style} style."
+
+
+def swap_style(prompt: str, style: str, swap_map: dict = STYLE_SWAP) -> str:
+    """The counterfactual prompt: ``prompt`` with the whole word ``style`` replaced by ``swap_map[style]``.
+
+    Raises ValueError if ``style`` is not a key of ``swap_map`` or does not occur in ``prompt`` as a whole word.
+    """
+    if style not in swap_map:
+        raise ValueError(f"style {style!r} is not in the swap map (keys: {sorted(swap_map)})")
+    swapped, count = re.subn(r"\b" + re.escape(style) + r"\b", swap_map[style], prompt)
+    if count == 0:
+        raise ValueError(f"style {style!r} does not occur as a word in the prompt {prompt!r}")
+    return swapped
+
+
+def style_token_signs(pieces, style: str) -> list:
+    """Per token of a response (its pieces, ``convert_ids_to_tokens``): +1 if it carries a word of the requested
+    ``style``, -1 a word of another style, 0 otherwise: the style task's true token-level reward.
+
+    Same method as ``key_token_signs``: pieces joined back into text (Metaspace "\u2581" -> space), style words found
+    on word boundaries, a token takes a word's sign when its characters (leading space aside) overlap the word, so
+    it is exact when BPE splits a word; a token overlapping words of both signs counts as -1.
+    """
+    _check_style(style)
+    starts, text = [], ""
+    for piece in pieces:
+        starts.append(len(text))
+        text += piece.replace("\u2581", " ")
+    spans = [(m.span(), 1 if _STYLE_OF[m.group(0)] == style else -1) for m in _STYLE_WORD.finditer(text)]
+    signs = []
+    for start, piece in zip(starts, pieces):
+        lo = start + (1 if piece.startswith("\u2581") else 0)
+        hi = start + len(piece)
+        hits = [sign for (a, b), sign in spans if lo < b and a < hi]
+        signs.append(min(hits) if hits else 0)
+    return signs
+
+
+def style_adherence(text: str, style: str) -> float:
+    """Style task's truth for any answer: (words of ``style`` - words of other styles) / N_SLOTS, clipped to
+    [-1, 1]; +1 for a well-formed answer in the requested style, -1 for one in another style."""
+    _check_style(style)
+    words = [w.strip(".,!?") for w in text.lower().split()]
+    own = sum(_STYLE_OF.get(w) == style for w in words)
+    other = sum(w in _STYLE_OF and _STYLE_OF[w] != style for w in words)
+    return max(-1.0, min(1.0, (own - other) / N_SLOTS))
+
+
+def parse_style_answer(text: str):
+    """The parts of a style-task answer, else None: ``The <topic> is <filler>. My note is <s1> <s2> <s3> <s4>.``
+    with filler words from ``FILLER`` and exactly ``N_SLOTS`` slot words, each from some style's word set (not
+    necessarily the same one). Returns ``{"topic", "filler": [...], "style_words": [...]}``."""
+    match = _ANSWER.fullmatch(text.strip())
+    if match is None:
+        return None
+    topic, filler, style_words = match.group(1), match.group(2).split(), match.group(3).split()
+    if len(style_words) != N_SLOTS or not all(w in _STYLE_OF for w in style_words):
+        return None
+    if not all(w in FILLER for w in filler):
+        return None
+    return {"topic": topic, "filler": filler, "style_words": style_words}
+
+
+def is_well_formed_style(text: str) -> bool:
+    """True iff ``parse_style_answer(text)`` parses (format validity of a style-task answer)."""
+    return parse_style_answer(text) is not None
+
+
+def _split_topics(split: str) -> list:
+    if split not in PROMPT_SPLITS:
+        raise ValueError(f"split must be one of {sorted(PROMPT_SPLITS)}, got {split!r}")
+    return PROMPT_SPLITS[split]
+
+
+def make_style_rows(n: int, seed: int = 0, split: str = "train"):
+    """n rows ``{"prompt", "style", "response"}``: a random topic of ``split`` (as ``make_prompts``) and style, the
+    answer's ``N_SLOTS`` slot words drawn without replacement from that style's set. Deterministic in its args."""
+    topics = _split_topics(split)
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic, style = rng.choice(topics), rng.choice(list(STYLES))
+        response = _response(rng, topic, rng.sample(STYLES[style], N_SLOTS))
+        rows.append({"prompt": style_prompt(topic, style), "style": style, "response": response})
+    return rows
+
+
+def make_style_pairs(n: int, seed: int = 0):
+    """n DPO rows ``{"prompt", "chosen", "rejected", "style"}`` on training topics: chosen answers in the
+    requested style, rejected answers the same topic in ``STYLE_SWAP[style]``, each with its own filler."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic, style = rng.choice(TOPICS), rng.choice(list(STYLES))
+        chosen_seed, rejected_seed = rng.randrange(1 << 30), rng.randrange(1 << 30)
+        chosen_words = rng.sample(STYLES[style], N_SLOTS)
+        rejected_words = rng.sample(STYLES[STYLE_SWAP[style]], N_SLOTS)
+        rows.append({
+            "prompt": style_prompt(topic, style),
+            "chosen": _response(random.Random(chosen_seed), topic, chosen_words),
+            "rejected": _response(random.Random(rejected_seed), topic, rejected_words),
+            "style": style,
+        })
+    return rows
+
+
+def make_style_prompts(n: int, seed: int = 0, split: str = "test"):
+    """n evaluation rows ``{"prompt", "style"}`` on the topics of ``split`` (same splits as ``make_prompts``)."""
+    topics = _split_topics(split)
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic, style = rng.choice(topics), rng.choice(list(STYLES))
+        rows.append({"prompt": style_prompt(topic, style), "style": style})
+    return rows
+
+
+def write_style_sft_data(path: str, n: int = 64, seed: int = 0) -> str:
+    """``make_style_rows(n, seed)`` with ``messages`` [user, assistant] (OpenRLHF's SFT dataset) beside the
+    ``prompt``, ``response`` and ``style`` columns (a TKPO dataset)."""
+    rows = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}],
+         **r}
+        for r in make_style_rows(n, seed)
+    ]
+    return _write_jsonl(path, rows)
+
+
+def write_style_pairs(path: str, n: int = 64, seed: int = 0) -> str:
+    """``make_style_pairs(n, seed)`` in the UltraFeedback shape of ``write_preference_data``: ``prompt`` string,
+    ``chosen`` / ``rejected`` message lists [user, assistant], plus ``style``."""
+    rows = []
+    for r in make_style_pairs(n, seed):
+        user = {"role": "user", "content": r["prompt"]}
+        rows.append({
+            "prompt": r["prompt"],
+            "chosen": [user, {"role": "assistant", "content": r["chosen"]}],
+            "rejected": [user, {"role": "assistant", "content": r["rejected"]}],
+            "style": r["style"],
+        })
+    return _write_jsonl(path, rows)
+
+
+def write_style_prompts(path: str, n: int = 64, seed: int = 0, split: str = "test") -> str:
+    """``make_style_prompts(n, seed, split)`` as JSONL (``--data.prompt_key prompt``)."""
+    return _write_jsonl(path, make_style_prompts(n, seed, split))
+
+
+def _style_corpus():
+    topics = TOPICS + HELD_OUT_TOPICS + VALIDATION_TOPICS
+    text = [style_prompt(t, s) for t in topics for s in STYLES]
+    text += [" ".join(words) for words in STYLES.values()]
+    text += [r["response"] for r in make_style_rows(200, seed=12345)]
+    return text
+
+
 def _corpus():
     text = [_prompt(t) for t in TOPICS + HELD_OUT_TOPICS + VALIDATION_TOPICS]
     text += [" ".join(GOOD_WORDS), " ".join(BAD_WORDS), " ".join(FILLER), "The . , ! ?"]
@@ -260,8 +445,9 @@ def _corpus():
     return text
 
 
-def build_tokenizer(output_dir: str, vocab_size: int = 512):
-    """Train a Metaspace BPE tokenizer on the task's text; save it (with chat template) to output_dir."""
+def build_tokenizer(output_dir: str, vocab_size: int = 512, corpus: list = None):
+    """Train a Metaspace BPE tokenizer on the task's text (``corpus``, default the key-word task's); save it
+    (with chat template) to output_dir."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -271,7 +457,7 @@ def build_tokenizer(output_dir: str, vocab_size: int = 512):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=["\n"], show_progress=False
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus() if corpus is None else corpus, trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -283,6 +469,13 @@ def build_tokenizer(output_dir: str, vocab_size: int = 512):
     hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(output_dir)
     return hf_tok
+
+
+def build_style_tokenizer(output_dir: str, vocab_size: int = 512):
+    """``build_tokenizer`` trained on the key-word task's text plus the style task's (prompts in every style,
+    answers): same special tokens and chat template. A separate vocabulary, so that ``build_tokenizer``'s stays
+    exactly as the existing benchmark results were computed with."""
+    return build_tokenizer(output_dir, vocab_size, corpus=_corpus() + _style_corpus())
 
 
 def build_model(

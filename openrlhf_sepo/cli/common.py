@@ -1,6 +1,6 @@
-"""What the package's trainers (``train_sepo``, ``train_wmle``, ``train_token_rm``) share with OpenRLHF's
+"""What the package's trainers (``train_sepo``, ``train_wmle``, ``train_token_rm``, ``train_tkpo``) share with OpenRLHF's
 ``train_*`` entrypoints: the checkpoint, DeepSpeed, optimizer, scheduler and logger flags (OpenRLHF's names; the
-defaults that differ between OpenRLHF's entrypoints are arguments), the policy model of the two that train one, the
+defaults that differ between OpenRLHF's entrypoints are arguments), the policy model of those that train one, the
 dataloaders, and the optimizer set-up with resume from an OpenRLHF checkpoint."""
 
 import os
@@ -81,13 +81,14 @@ def add_training_flags(add, *, name: str, run_prefix: str, lr: float, micro_batc
     add("--logger.tensorboard_dir", type=str, default=None)
 
 
-def load_actor(args, strategy):
-    """(OpenRLHF ``Actor`` built from the ``--model.*`` / ``--ds.*`` flags as ``train_dpo`` and ``train_sft`` build it,
-    its tokenizer (right padding)); gradient checkpointing on with ``--model.gradient_checkpointing_enable``."""
+def load_actor(args, strategy, actor_class=None):
+    """(OpenRLHF ``Actor`` (or ``actor_class``, a subclass) built from the ``--model.*`` / ``--ds.*`` flags as
+    ``train_dpo`` and ``train_sft`` build it, its tokenizer (right padding)); gradient checkpointing on with
+    ``--model.gradient_checkpointing_enable``."""
     from openrlhf.models import Actor
     from openrlhf.utils import get_tokenizer
 
-    model = Actor(
+    model = (actor_class or Actor)(
         args.model.model_name_or_path,
         attn_implementation=args.ds.attn_implementation,
         experts_implementation=args.ds.experts_implementation,

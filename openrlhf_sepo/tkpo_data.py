@@ -1,0 +1,170 @@
+"""SFT rows with a counterfactual prompt -> TKPO batches (``train_tkpo``).
+
+Each row is an SFT row (prompt x, gold response y; ``--data.input_key`` / ``--data.output_key``, template or chat
+template as OpenRLHF's ``train_sft``) plus its counterfactual prompt x', the same prompt with its style attribute
+swapped: from a column (``--tkpo.counterfactual_key``), or made from an attribute column and a swap map
+(``--tkpo.attribute_key``, ``--tkpo.swap_map``: x' is x with its first occurrence of the attribute replaced by
+``swap_map[attribute]``).
+
+Both sequences are tokenized exactly as OpenRLHF's ``SFTDataset`` tokenizes an SFT row (one row at a time through
+its own ``process_data`` / ``__getitem__``); the response must come out as the same ids at the end of both, so that
+position t of the response is aligned by its offset (the prompts may tokenize to different lengths).
+"""
+
+import json
+import os
+from collections import Counter
+
+import torch
+from torch.utils.data import Dataset
+
+SKIPS = (
+    "missing_key",  # the prompt, response, attribute or counterfactual column absent or null
+    "empty_response",  # an empty or whitespace-only response
+    "attribute_not_in_prompt",  # the attribute's text does not occur in the prompt
+    "attribute_not_in_swap_map",  # no counterfactual attribute for it in --tkpo.swap_map
+    "identical_counterfactual",  # x' == x: no contrast
+    "prompt_too_long",  # fewer than 2 response tokens within max_len (either prompt)
+    "response_differs",  # the response tokenizes differently after x and after x' (a merge across the boundary)
+)
+SKIP_EXAMPLES_KEPT = 5
+
+
+class CounterfactualDataError(ValueError):
+    """A flag or a data set that cannot make a single usable row: raised before any model loads."""
+
+
+def load_swap_map(spec: str) -> dict:
+    """``--tkpo.swap_map``: a JSON object, or a path to a JSON file holding one, ``{attribute: its swap}``."""
+    try:
+        text = open(spec, encoding="utf-8").read() if os.path.isfile(spec) else spec
+        swap = json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CounterfactualDataError(f"--tkpo.swap_map: neither a JSON object nor a JSON file ({e})") from None
+    if not isinstance(swap, dict) or not swap or not all(isinstance(k, str) and isinstance(v, str) and k != v
+                                                         for k, v in swap.items()):
+        raise CounterfactualDataError(f"--tkpo.swap_map must map attribute strings to other strings, got {swap!r}")
+    return swap
+
+
+class CounterfactualSFTDataset(Dataset):
+    """(x, y) and (x', y) for TKPO, tokenized as OpenRLHF's ``SFTDataset``.
+
+    Args:
+        dataset: rows as ``blending_datasets`` returns them.
+        tokenizer, max_length, strategy: as ``SFTDataset`` (``strategy.args.data``: input/output keys, templates).
+        counterfactual_key: the column holding x'; or, when None, ``attribute_key`` and ``swap_map`` make x'.
+
+    Skips (counted in ``skipped``, first rows in ``skip_examples``, printed): ``SKIPS``.
+    Item: ``(ids [1, L], attention [1, L], loss_mask [1, L], cf_ids [1, L'], cf_attention [1, L'])``; the loss mask is
+    SFTDataset's (entry t is 1 iff token t + 1 is a response token). Batch (``collate_fn``): ``(inputs [B, 2, T],
+    attention [B, 2, T], loss_mask [B, 1, T])``, row 0 of dim 1 the sequence (x, y), row 1 (x', y), right-padded:
+    OpenRLHF's SFT 3-tuple, whose ``fit`` hands inputs and attention to the model as they are (``tkpo.TKPOActor``
+    splits them) and the loss mask to the loss.
+    """
+
+    def __init__(self, dataset, tokenizer, max_length, strategy, counterfactual_key=None, attribute_key=None,
+                 swap_map=None, name="--data.dataset"):
+        from openrlhf.datasets import SFTDataset
+
+        super().__init__()
+        self.tokenizer, self.max_length = tokenizer, max_length
+        data = strategy.args.data
+        self.input_key, self.output_key = data.input_key, data.output_key
+        needed = [self.input_key, self.output_key, counterfactual_key or attribute_key]
+        missing = [k for k in needed if k not in dataset.column_names]
+        if missing:
+            raise CounterfactualDataError(f"{name}: columns {missing} not found (columns: {dataset.column_names}); "
+                                          "see --data.input_key, --data.output_key, --tkpo.counterfactual_key, "
+                                          "--tkpo.attribute_key")
+
+        class _One(SFTDataset):  # SFTDataset's own tokenization, one row at a time
+            def __init__(inner):
+                inner.tokenizer, inner.strategy, inner.pretrain_mode, inner.max_length = tokenizer, strategy, False, max_length
+                inner.multiturn, inner.input_template = False, data.input_template
+                inner.input_key, inner.output_key = data.input_key, data.output_key
+                inner.apply_chat_template = tokenizer.apply_chat_template if data.apply_chat_template else False
+                if data.apply_chat_template and data.tokenizer_chat_template:
+                    tokenizer.chat_template = data.tokenizer_chat_template
+
+            def encode(inner, row):
+                out = inner.process_data(dict(row))
+                if out["prompt"] is None:
+                    return None
+                inner.prompts, inner.responses = [out["prompt"]], [out["response"]]
+                inner.prompt_ids_lens = [out["prompt_ids_len"]]
+                ids, att, loss_mask = inner[0]
+                return ids, att, loss_mask, out["prompt_ids_len"]
+
+        one = _One()
+        self.items, self.skipped, self.skip_examples = [], Counter(), {}
+        for index, row in enumerate(dataset):
+            result = self._encode(one, row, counterfactual_key, attribute_key, swap_map)
+            if isinstance(result[0], str):
+                reason, message = result
+                self.skipped[reason] += 1
+                examples = self.skip_examples.setdefault(reason, [])
+                if len(examples) < SKIP_EXAMPLES_KEPT:
+                    examples.append(f"row {index}: {message}")
+                continue
+            self.items.append(result)
+        strategy.print(f"CounterfactualSFTDataset ({name}): {len(self.items)} of {len(dataset)} rows kept; skipped "
+                       f"{dict(self.skipped) or 'none'}")
+        for reason, examples in self.skip_examples.items():
+            strategy.print(f"  skipped {self.skipped[reason]} ({reason}), e.g. {examples[0]}")
+        if not self.items:
+            raise CounterfactualDataError(f"{name}: no usable row (skipped by reason: {dict(self.skipped)})")
+
+    def _encode(self, one, row, counterfactual_key, attribute_key, swap_map):
+        prompt, response = row.get(self.input_key), row.get(self.output_key)
+        for key, value in ((self.input_key, prompt), (self.output_key, response)):
+            if value is None:
+                return "missing_key", f"{key!r} is missing or null"
+        text = response if isinstance(response, str) else (response[-1].get("content", "") if response else "")
+        if not str(text).strip():
+            return "empty_response", f"{self.output_key!r} is empty"
+        if counterfactual_key:
+            cf_prompt = row.get(counterfactual_key)
+            if cf_prompt is None:
+                return "missing_key", f"{counterfactual_key!r} is missing or null"
+        else:
+            attribute = row.get(attribute_key)
+            if attribute is None:
+                return "missing_key", f"{attribute_key!r} is missing or null"
+            if attribute not in swap_map:
+                return "attribute_not_in_swap_map", f"attribute {attribute!r} has no entry in --tkpo.swap_map"
+            if not isinstance(prompt, str) or attribute not in prompt:
+                return "attribute_not_in_prompt", f"attribute {attribute!r} does not occur in the prompt"
+            cf_prompt = prompt.replace(attribute, swap_map[attribute], 1)
+        if cf_prompt == prompt:
+            return "identical_counterfactual", "the counterfactual prompt equals the prompt"
+        gold = one.encode(row)
+        cf = one.encode({**row, self.input_key: cf_prompt})
+        if gold is None or cf is None:
+            return "prompt_too_long", f"a prompt leaves < 2 response tokens within max_len {self.max_length}"
+        ids, att, loss_mask, prompt_len = gold
+        cf_ids, cf_att, _, cf_prompt_len = cf
+        n = ids.shape[1] - prompt_len
+        if n < 2 or cf_ids.shape[1] - cf_prompt_len < 2:
+            return "prompt_too_long", f"fewer than 2 response tokens within max_len {self.max_length}"
+        if cf_ids.shape[1] - cf_prompt_len != n or not torch.equal(ids[0, -n:], cf_ids[0, -n:]):
+            return "response_differs", "the response tokenizes differently after the counterfactual prompt"
+        return ids, att, loss_mask, cf_ids, cf_att
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, idx):
+        return self.items[idx]
+
+    def collate_fn(self, item_list):
+        width = max(max(it[0].shape[1], it[3].shape[1]) for it in item_list)
+        pad = self.tokenizer.pad_token_id
+        inputs = torch.full((len(item_list), 2, width), pad, dtype=torch.long)
+        attention = torch.zeros((len(item_list), 2, width), dtype=torch.long)
+        loss_mask = torch.zeros((len(item_list), 1, width), dtype=torch.float32)
+        for b, (ids, att, mask, cf_ids, cf_att) in enumerate(item_list):
+            inputs[b, 0, : ids.shape[1]], attention[b, 0, : ids.shape[1]] = ids[0], att[0]
+            inputs[b, 1, : cf_ids.shape[1]], attention[b, 1, : cf_ids.shape[1]] = cf_ids[0], cf_att[0]
+            loss_mask[b, 0, : mask.shape[1]] = mask[0]
+        return inputs, attention, loss_mask
