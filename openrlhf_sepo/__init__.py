@@ -9,6 +9,8 @@ Public pieces (imported lazily, so ``import openrlhf_sepo`` stays cheap):
 - ``RankedListDataset``, ``TokenRewardModelTrainer``   a token-level reward model learned from ranked lists with
   ListMLE (``token_rm_data.py``, ``token_rm_trainer.py``; formulas in ``token_rm.py``)
 - ``WeightedSFTDataset``, ``WeightedMLETrainer``       reward-weighted MLE on token rewards (``wmle.py``)
+- ``TKPOLoss``, ``CounterfactualSFTDataset``, ``TKPOTrainer``   TKPO for controllable generation (``tkpo.py``,
+  ``tkpo_data.py``, ``tkpo_trainer.py``)
 """
 
 from openrlhf_sepo._flash_attn import install_placeholder as _install_flash_attn_placeholder
@@ -27,6 +29,9 @@ _LAZY = {
     "TokenRewardModelTrainer": "openrlhf_sepo.token_rm_trainer",
     "WeightedSFTDataset": "openrlhf_sepo.wmle",
     "WeightedMLETrainer": "openrlhf_sepo.wmle",
+    "TKPOLoss": "openrlhf_sepo.tkpo",
+    "CounterfactualSFTDataset": "openrlhf_sepo.tkpo_data",
+    "TKPOTrainer": "openrlhf_sepo.tkpo_trainer",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -213,3 +213,39 @@ def test_parser_keeps_train_sft_names_and_defaults_and_the_released_tkpo_values(
                         "data.input_template": "User: {}\nAssistant: ", "tkpo.num_negatives": 20, "tkpo.tau": 0.15,
                         "tkpo.lam": 0.5, "tkpo.negatives_grad": False, "tkpo.aggregation": "log_mean"}.items():
         assert defaults[dest] == value, dest
+
+
+def test_committed_benchmark_settings_cover_every_method_from_the_grid():
+    from openrlhf_sepo.cli.tkpo_benchmark import METHODS, SETTINGS_FILE, grid_points
+
+    with open(SETTINGS_FILE) as f:
+        doc = json.load(f)
+    assert set(doc["settings"]) == set(METHODS)
+    for method, setting in doc["settings"].items():
+        assert setting in grid_points(method), (method, setting)
+        assert len(doc["validation"][method]) == len(grid_points(method))
+
+
+@pytest.mark.slow
+def test_quick_benchmark_end_to_end(tmp_path):
+    """The TKPO benchmark's whole pipeline at its reduced sizes: start SFT, sft_more / tkpo / dpo on 2 seeds,
+    evaluation, report; a rerun skips every finished stage."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "tkpo")
+    cmd = [sys.executable, "-m", "openrlhf_sepo.cli.tkpo_benchmark", "--output_dir", out, "--quick"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    for key in ("adherence", "format_validity", "kl_to_start", "win_rate_vs_start"):
+        assert set(metrics[key]) == {"start", "sft_more", "tkpo", "dpo"}, key
+        assert all(math.isfinite(v) for v in metrics[key].values())
+        assert all(len(v) == 2 for v in metrics["per_seed"][key].values())
+    assert metrics["kl_to_start"]["start"] == 0.0
+    assert {"tkpo - sft_more", "tkpo - dpo"} <= set(metrics["adherence_differences"])
+    assert "| tkpo |" in open(os.path.join(out, "report.md")).read()
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0 and "policies   0 of 6 jobs to run" in rerun.stdout

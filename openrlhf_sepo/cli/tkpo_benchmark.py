@@ -5,9 +5,10 @@ The task (``tiny.STYLES``): a prompt asks for a note "in a plain style" or "in a
 key-word task's template with four slot words from the requested style's word set. ``tiny.style_adherence`` scores
 any answer ((requested-style words - other-style words) / 4), ``tiny.is_well_formed_style`` its format.
 
-Per seed everything is redrawn. Stage 1: ``start``, a short SFT (OpenRLHF ``train_sft``, ``n_start`` rows, one epoch)
-of a tiny Llama on the style rows: the common start, which follows the requested style only partly. Stage 2, from
-``start``, the same examples, epochs and batch for every method (``METHODS``):
+Per seed everything is redrawn. Stage 1: ``start``, an SFT (OpenRLHF ``train_sft``, ``n_start`` rows, 3 epochs) of a
+tiny Llama on rows whose answers are in the requested style or the swapped one at random: the common start, which
+follows the answer template but not the requested style (as the key-word task's SFT model is neutral about key
+words). Stage 2, from ``start``, the same examples, epochs and batch for every method (``METHODS``):
 
   sft_more    OpenRLHF train_sft on the policy rows (CE alone: TKPO with lambda 0)
   tkpo        train_tkpo on the same rows: CE + 0.5 * L_TKPO, 20 negatives, tau 0.15, negatives detached
@@ -24,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import random
 import time
 
 from openrlhf_sepo import tiny
@@ -39,8 +41,8 @@ METHODS = {
 QUICK_METHODS = ["sft_more", "tkpo", "dpo"]
 GRID = {"lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "dpo_beta": [0.1, 0.5]}
 SIZES = {
-    "full": dict(n_start=400, n_policy=384, n_prompts=64, epochs=2),
-    "quick": dict(n_start=200, n_policy=96, n_prompts=16, epochs=2),
+    "full": dict(n_start=1500, n_policy=384, n_prompts=64, epochs=2),
+    "quick": dict(n_start=800, n_policy=96, n_prompts=16, epochs=2),
 }
 SETTINGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tkpo_settings.json")
 COMPARISONS = [("tkpo", "sft_more"), ("tkpo", "dpo"), ("tkpo", "dpo_nll"), ("tkpo_grad", "tkpo"),
@@ -91,7 +93,13 @@ class StyleBenchmark(Demo):
         s, d = self.size, lambda *p: self.seed_path(seed, "data", *p)
         tiny.build_style_tokenizer(d("tokenizer"))
         tiny.build_model(d("base"), d("tokenizer"), 64, 2, seed=seed)
-        tiny.write_style_sft_data(d("start.jsonl"), s["n_start"], 1000 * seed + 1)
+        # The start's answers: the requested style or the swapped one, at random (style-neutral, template kept).
+        rng = random.Random(1000 * seed + 1)
+        with open(d("start.jsonl"), "w") as f:
+            for pair in tiny.make_style_pairs(s["n_start"], 1000 * seed + 1):
+                answer = pair["chosen"] if rng.random() < 0.5 else pair["rejected"]
+                f.write(json.dumps({"messages": [{"role": "user", "content": pair["prompt"]},
+                                                 {"role": "assistant", "content": answer}]}) + "\n")
         tiny.write_style_sft_data(d("policy.jsonl"), s["n_policy"], 1000 * seed + 2)
         tiny.write_style_pairs(d("pairs.jsonl"), s["n_policy"], 1000 * seed + 2)
         for split in ("validation", "test"):
@@ -101,7 +109,7 @@ class StyleBenchmark(Demo):
         m, d = lambda *p: self.seed_path(seed, "models", *p), lambda *p: self.seed_path(seed, "data", *p)
         return self.job(seed, "start", "openrlhf.cli.train_sft", [
             "--model.model_name_or_path", d("base"), "--data.dataset", d("start.jsonl"), "--data.input_key",
-            "messages", *COMMON_TRAIN, *CHAT, "--train.max_epochs", "1", "--adam.lr", "3e-3",
+            "messages", *COMMON_TRAIN, *CHAT, "--train.max_epochs", "3", "--adam.lr", "3e-3",
             "--ckpt.output_dir", m("start"), "--ckpt.path", self.seed_path(seed, "ckpt", "start"),
             "--train.seed", str(seed)])
 
