@@ -22,12 +22,11 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train_step import TimedBatches  # noqa: E402  (the same timed stand-in dataloader)
+from bench_train_step import TimedBatches, run_variants  # noqa: E402  (the same timed dataloader and process loop)
 
 VARIANTS = ("dpo", "sft", "tkpo", "tkpo_grad")
 
@@ -135,7 +134,6 @@ def main(argv=None):
 
     from openrlhf_sepo import tiny
 
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = os.path.join(tmp, "tokenizer")
         tiny.build_tokenizer(tokenizer_dir)
@@ -144,15 +142,7 @@ def main(argv=None):
               f"{opts.rows} examples x {opts.seq} tokens (prompt {opts.prompt_len}); {opts.steps} timed steps")
         passthrough = [f"--{n}={getattr(opts, n)}" for n in
                        ("hidden", "layers", "vocab", "seq", "prompt_len", "rows", "steps", "warmup", "dtype")]
-        for variant in opts.variants.split(","):
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--variant", variant, "--model", model,
-                                   *passthrough], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                sys.exit(f"variant {variant} failed:\n{proc.stdout[-4000:]}")
-            results[variant] = r = json.loads(lines[-1][len("RESULT ") :])
-            print(f"{variant:>10}: step {r['step_s'] * 1000:8.1f} ms (median {r['median_s'] * 1000:.1f})   "
-                  f"peak {r['peak_mib']:8.1f} MiB")
+        results = run_variants(os.path.abspath(__file__), model, passthrough, opts.variants.split(","))
     dpo = results.get("dpo")
     for variant in ("sft", "tkpo", "tkpo_grad"):
         if dpo and variant in results:

@@ -138,6 +138,22 @@ def run_variant(opts):
                                   "steps": steps}))
 
 
+def run_variants(script, model, passthrough, variants):
+    """{variant: result}: ``script --variant V --model MODEL PASSTHROUGH...`` in a fresh process per variant (its
+    ``RESULT`` JSON line), each printed as it finishes. Shared with bench_tkpo_step.py."""
+    results = {}
+    for variant in variants:
+        proc = subprocess.run([sys.executable, script, "--variant", variant, "--model", model, *passthrough],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            sys.exit(f"variant {variant} failed:\n{proc.stdout[-4000:]}")
+        results[variant] = r = json.loads(lines[-1][len("RESULT ") :])
+        print(f"{variant:>10}: step {r['step_s'] * 1000:8.1f} ms (median {r['median_s'] * 1000:.1f})   "
+              f"peak {r['peak_mib']:8.1f} MiB")
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=256)
@@ -165,7 +181,6 @@ def main(argv=None):
 
     from openrlhf_sepo import tiny
 
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = os.path.join(tmp, "tokenizer")
         tiny.build_tokenizer(tokenizer_dir)
@@ -174,16 +189,7 @@ def main(argv=None):
               f"x {opts.seq} tokens (prompt {opts.prompt_len}), k = {opts.k}; {opts.steps} timed steps")
         passthrough = [f"--{n}={getattr(opts, n)}" for n in
                        ("hidden", "layers", "vocab", "seq", "prompt_len", "pairs", "k", "steps", "warmup", "dtype")]
-        for variant in opts.variants.split(","):
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--variant", variant, "--model", model,
-                                   *passthrough], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                sys.exit(f"variant {variant} failed:\n{proc.stdout[-4000:]}")
-            results[variant] = json.loads(lines[-1][len("RESULT ") :])
-            r = results[variant]
-            print(f"{variant:>10}: step {r['step_s'] * 1000:8.1f} ms (median {r['median_s'] * 1000:.1f})   "
-                  f"peak {r['peak_mib']:8.1f} MiB")
+        results = run_variants(os.path.abspath(__file__), model, passthrough, opts.variants.split(","))
     dpo = results.get("dpo")
     for variant in ("sepo_full", "sepo"):
         if dpo and variant in results:

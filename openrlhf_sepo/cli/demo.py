@@ -138,15 +138,20 @@ def point_label(point: dict) -> str:
 
 
 class Demo:
+    """The benchmark: its methods, sizes and the launch / stage / resume plumbing (``tkpo_benchmark`` reuses it with
+    its own class attributes)."""
+
+    METHODS, QUICK_METHODS, SIZES = METHODS, QUICK_METHODS, SIZES
+
     def __init__(self, args):
         self.args = args
         self.out = os.path.abspath(args.output_dir)
-        self.size = SIZES["quick" if args.quick else "full"]
+        self.size = self.SIZES["quick" if args.quick else "full"]
         self.methods = [m.strip() for m in args.methods.split(",")] if args.methods else (
-            QUICK_METHODS if args.quick else list(METHODS))
-        unknown = [m for m in self.methods if m not in METHODS]
+            self.QUICK_METHODS if args.quick else list(self.METHODS))
+        unknown = [m for m in self.methods if m not in self.METHODS]
         if unknown:
-            raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+            raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(self.METHODS)}")
         self.seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
         if args.sweep:
             self.seeds = self.seeds[:1]

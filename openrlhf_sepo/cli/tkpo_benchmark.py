@@ -41,8 +41,8 @@ METHODS = {
 QUICK_METHODS = ["sft_more", "tkpo", "dpo"]
 GRID = {"lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "dpo_beta": [0.1, 0.5]}
 SIZES = {
-    "full": dict(n_start=1500, n_policy=384, n_prompts=64, epochs=2),
-    "quick": dict(n_start=800, n_policy=96, n_prompts=16, epochs=2),
+    "full": dict(n_start=1500, n_policy=384, n_prompts=64, policy_epochs=2),
+    "quick": dict(n_start=800, n_policy=96, n_prompts=16, policy_epochs=2),
 }
 SETTINGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tkpo_settings.json")
 COMPARISONS = [("tkpo", "sft_more"), ("tkpo", "dpo"), ("tkpo", "dpo_nll"), ("tkpo_grad", "tkpo"),
@@ -63,31 +63,7 @@ def gated(samples):
 class StyleBenchmark(Demo):
     """The demo's plumbing (launches of jobs, stages, resume markers) on the style task."""
 
-    def __init__(self, args):
-        self.args = args
-        self.out = os.path.abspath(args.output_dir)
-        self.size = SIZES["quick" if args.quick else "full"]
-        self.methods = [m.strip() for m in args.methods.split(",")] if args.methods else (
-            QUICK_METHODS if args.quick else list(METHODS))
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
-        self.seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
-        if args.sweep:
-            self.seeds = self.seeds[:1]
-        elif len(self.seeds) < 2:
-            raise SystemExit("--seeds: give at least 2 seeds (3 or more for an interval worth reading)")
-        else:
-            try:
-                with open(args.settings) as f:
-                    self.settings = json.load(f)["settings"]
-            except (OSError, KeyError, json.JSONDecodeError) as e:
-                raise SystemExit(f"--settings: cannot read tuned settings from {args.settings!r}: {e}") from None
-            missing = [m for m in self.methods if m not in self.settings]
-            if missing:
-                raise SystemExit(f"--settings {args.settings}: no setting for {missing}; run --sweep for them")
-        self.steps = self.size["n_policy"] // BATCH * self.size["epochs"]
-        os.makedirs(self.out, exist_ok=True)
+    METHODS, QUICK_METHODS, SIZES = METHODS, QUICK_METHODS, SIZES
 
     def make_data(self, seed):
         s, d = self.size, lambda *p: self.seed_path(seed, "data", *p)
@@ -117,7 +93,7 @@ class StyleBenchmark(Demo):
         spec = METHODS[method]
         m, d = lambda *p: self.seed_path(seed, "models", *p), lambda *p: self.seed_path(seed, "data", *p)
         args = ["--model.model_name_or_path", m("start"), *COMMON_TRAIN, *CHAT, "--train.max_epochs",
-                str(self.size["epochs"]), "--train.seed", str(seed), "--adam.lr", str(setting["lr"]),
+                str(self.size["policy_epochs"]), "--train.seed", str(seed), "--adam.lr", str(setting["lr"]),
                 "--ckpt.output_dir", m(name), "--ckpt.path", self.seed_path(seed, "ckpt", name)]
         if spec["trainer"] == "sft":
             return self.job(seed, name, "openrlhf.cli.train_sft",
