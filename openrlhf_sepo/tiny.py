@@ -58,13 +58,14 @@ def _prompt(topic: str) -> str:
     return f"Write a short note about the {topic}."
 
 
-def _response(rng: random.Random, topic: str, slot_words: list) -> str:
+def _response(rng: random.Random, topic: str, slot_words: list, filler_words: list = None) -> str:
     """Filler, then the key span: "The {topic} is <filler>. My note is <w1> <w2> <w3> <w4>."
 
     Same rng state -> same filler. The key span closes the response so that a chosen and a rejected answer
     share every token before it: the tokens that decide the preference are exactly the slot words.
+    ``filler_words``: the filler vocabulary (default ``FILLER``; ``OOD_SLICES`` uses halves of it).
     """
-    filler = " ".join(rng.choice(FILLER) for _ in range(rng.randint(3, 5)))
+    filler = " ".join(rng.choice(filler_words or FILLER) for _ in range(rng.randint(3, 5)))
     return f"The {topic} is {filler}. My note is " + " ".join(slot_words) + "."
 
 
@@ -107,7 +108,12 @@ def key_token_mask(pieces) -> list:
     return [sign != 0 for sign in key_token_signs(pieces)]
 
 
-def make_pairs(n: int, seed: int = 0, variant: str = "independent", label_noise: float = 0.0):
+# Out-of-distribution slices: the oracle's pairs come from one (topics and filler words), the policy's from the
+# other; the key words, the template and the held-out test prompts are shared.
+OOD_SLICES = {"oracle": (TOPICS[:8], FILLER[:18]), "policy": (TOPICS[8:], FILLER[18:])}
+
+
+def make_pairs(n: int, seed: int = 0, variant: str = "independent", label_noise: float = 0.0, ood_slice: str = None):
     """n preference rows ``{"prompt", "chosen", "rejected"}``: chosen has all slots good, rejected all bad (``mixed``:
     chosen one bad slot, rejected one good slot).
 
@@ -117,8 +123,12 @@ def make_pairs(n: int, seed: int = 0, variant: str = "independent", label_noise:
     rejected one good key word (3 bad), at random slots, as real preferred answers are better, not flawless: the
     case where token-level credit matters, since imitating the chosen answer also imitates its bad word.
     ``label_noise`` in [0, 1]: exactly ``round(label_noise * n)`` rows, drawn from the seed, have
-    chosen and rejected swapped (noisy preference labels). Deterministic in (n, seed, variant, label_noise).
+    chosen and rejected swapped (noisy preference labels). ``ood_slice`` (``OOD_SLICES``: ``oracle`` or ``policy``)
+    draws topics and filler words from that slice only (default: all). Deterministic in its arguments.
     """
+    if ood_slice is not None and ood_slice not in OOD_SLICES:
+        raise ValueError(f"ood_slice must be one of {sorted(OOD_SLICES)}, got {ood_slice!r}")
+    topics, filler_words = OOD_SLICES[ood_slice] if ood_slice else (TOPICS, None)
     if variant not in TASK_VARIANTS:
         raise ValueError(f"variant must be one of {TASK_VARIANTS}, got {variant!r}")
     if not 0.0 <= label_noise <= 1.0:
@@ -126,7 +136,7 @@ def make_pairs(n: int, seed: int = 0, variant: str = "independent", label_noise:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        topic = rng.choice(TOPICS)
+        topic = rng.choice(topics)
         filler_seed = rng.randrange(1 << 30)
         good = rng.sample(GOOD_WORDS, N_SLOTS)
         bad = rng.sample(BAD_WORDS, N_SLOTS)
@@ -134,8 +144,8 @@ def make_pairs(n: int, seed: int = 0, variant: str = "independent", label_noise:
             i, j = rng.randrange(N_SLOTS), rng.randrange(N_SLOTS)
             good[i], bad[j] = bad[j], good[i]
         rejected_seed = filler_seed if variant == "shared" else rng.randrange(1 << 30)
-        chosen = _response(random.Random(filler_seed), topic, good)
-        rejected = _response(random.Random(rejected_seed), topic, bad)
+        chosen = _response(random.Random(filler_seed), topic, good, filler_words)
+        rejected = _response(random.Random(rejected_seed), topic, bad, filler_words)
         rows.append({"prompt": _prompt(topic), "chosen": chosen, "rejected": rejected})
     # A separate stream, so that the noise-free rows are the same rows whatever the noise level.
     for i in random.Random(f"label-noise-{seed}").sample(range(n), round(label_noise * n)):
@@ -227,16 +237,16 @@ def write_sft_data(path: str, n: int = 64, seed: int = 0) -> str:
 
 def write_preference_data(
     path: str, n: int = 64, seed: int = 0, shape: str = "ultrafeedback", variant: str = "independent",
-    label_noise: float = 0.0,
+    label_noise: float = 0.0, ood_slice: str = None,
 ) -> str:
-    """``make_pairs(n, seed, variant, label_noise)`` rows in one of two shapes.
+    """``make_pairs(n, seed, variant, label_noise, ood_slice)`` rows in one of two shapes.
 
     ``ultrafeedback`` (UltraFeedback-binarized): ``prompt`` string; ``chosen`` and ``rejected`` message lists
     ``[user, assistant]`` (use ``--data.apply_chat_template``, no ``--data.prompt_key``).
     ``plain``: ``prompt``, ``chosen``, ``rejected`` strings (use ``--data.prompt_key prompt``).
     """
     rows = []
-    for r in make_pairs(n, seed, variant, label_noise):
+    for r in make_pairs(n, seed, variant, label_noise, ood_slice):
         if shape == "plain":
             rows.append(r)
         elif shape == "ultrafeedback":

@@ -72,3 +72,41 @@ def test_cpu_sft_then_dpo_launchers_run_end_to_end(tiny_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:]
     assert os.path.exists(os.path.join(oracle, "model.safetensors"))
     assert "openrlhf_sepo.cpu openrlhf.cli.train_dpo" in proc.stdout  # the launch line bash echoed (set -x)
+
+
+@pytest.mark.parametrize("script", ["train_dpo_llama.sh", "train_sft_llama.sh", "score_tokens_llama.sh"])
+def test_own_dataset_drops_the_default_split_unless_one_is_given(script):
+    path = os.path.join(REPO, "examples", "scripts", script)
+
+    def data_flags(*args):
+        proc = bash(path, list(args), SEPO_DRY_RUN="1")
+        assert proc.returncode == 0, proc.stdout
+        cmd = shlex.split(proc.stdout.strip().splitlines()[-1])
+        return [(a, cmd[i + 1]) for i, a in enumerate(cmd) if a in ("--data.dataset", "--data.dataset_split")]
+
+    default_split = [v for a, v in data_flags() if a == "--data.dataset_split"]
+    assert default_split in (["train_prefs"], ["train_sft"])  # the published data set keeps its split
+    # The user's own file, no split: the default data set's split is dropped (OpenRLHF's "train" applies).
+    assert [v for a, v in data_flags("--data.dataset", "pairs.jsonl") if a == "--data.dataset_split"] == []
+    assert ("--data.dataset", "pairs.jsonl") in data_flags("--data.dataset", "pairs.jsonl")
+    # An explicit split is kept, in either order and spelling (last, so it wins over the default's).
+    assert data_flags("--data.dataset_split", "test", "--data.dataset", "pairs.jsonl")[-2:] == [
+        ("--data.dataset_split", "test"), ("--data.dataset", "pairs.jsonl")]
+    proc = bash(path, ["--data.dataset=pairs.jsonl", "--data.dataset_split=test"], SEPO_DRY_RUN="1")
+    assert proc.returncode == 0 and proc.stdout.split()[-2:] == ["--data.dataset=pairs.jsonl", "--data.dataset_split=test"]
+    # A split alone (the default data set, another split) is kept too.
+    assert data_flags("--data.dataset_split", "test_prefs")[-1] == ("--data.dataset_split", "test_prefs")
+
+
+@pytest.mark.slow
+def test_cpu_dpo_launcher_with_a_local_file_and_no_split(tiny_dir, tmp_path):
+    # Before the fix: AttributeError: 'DatasetDict' object has no attribute 'select' (split train_prefs kept).
+    base, out = os.path.join(tiny_dir, "base"), str(tmp_path / "dpo")
+    proc = bash(os.path.join(REPO, "examples", "scripts", "train_dpo_llama.sh"), [
+        "--model.model_name_or_path", base, "--ref.model_name_or_path", base,
+        "--data.dataset", os.path.join(tiny_dir, "pairs.jsonl"), "--data.max_len", "128", "--data.max_samples", "16",
+        "--train.batch_size", "8", "--train.micro_batch_size", "2",
+        "--ckpt.output_dir", out, "--ckpt.path", str(tmp_path / "ckpt"),
+    ], SEPO_DEVICE="cpu")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert os.path.exists(os.path.join(out, "model.safetensors")) and "train_prefs" not in proc.stdout

@@ -17,6 +17,29 @@ if [[ "${1:-}" == "slurm" ]]; then
   shift
 fi
 
+# A default --data.dataset_split (train_prefs, train_sft) names a split of the default hub data set only. With the
+# user's own --data.dataset and no --data.dataset_split, it is dropped, so OpenRLHF's default split "train" applies
+# (the only split a local jsonl / json / parquet file has); kept, OpenRLHF would fail on a split the file lacks.
+# An explicit --data.dataset_split is always kept.
+SEPO_USER_DATASET= SEPO_USER_SPLIT=
+for arg in "$@"; do
+  case "$arg" in
+    --data.dataset | --data.dataset=*) SEPO_USER_DATASET=1 ;;
+    --data.dataset_split | --data.dataset_split=*) SEPO_USER_SPLIT=1 ;;
+  esac
+done
+if [[ -n "$SEPO_USER_DATASET" && -z "$SEPO_USER_SPLIT" ]]; then
+  SEPO_KEPT=()
+  for ((i = 0; i < ${#DEFAULTS[@]}; i++)); do
+    if [[ "${DEFAULTS[i]}" == --data.dataset_split ]]; then
+      i=$((i + 1))  # and its value
+    else
+      SEPO_KEPT+=("${DEFAULTS[i]}")
+    fi
+  done
+  DEFAULTS=("${SEPO_KEPT[@]}")
+fi
+
 PYTHON="${PYTHON:-python3}"
 if [[ "${SEPO_DEVICE:-gpu}" == "cpu" ]]; then
   # sdpa/eager only on CPU: flash-attn kernels cannot exist there. Placed before the user's arguments so

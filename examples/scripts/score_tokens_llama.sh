@@ -9,6 +9,11 @@
 #   bash examples/scripts/score_tokens_llama.sh --scorer token_rm --token_rm.model_name_or_path ./checkpoint/tinyllama-token-rm
 # r_t is then the token RM's reward of token t; the scores dir has the same format, for train_sepo as it is.
 # The token RM's tokenizer must be the policy's (train_sepo checks the fingerprint).
+#
+# An oracle of another tokenizer (e.g. a small model of another family) for a policy: add
+#   --policy.tokenizer ./checkpoint/big-policy-sft
+# the ids written are the policy's; the oracle's token rewards are mapped onto them by character overlap.
+# HH-shaped pairs (whole dialogues, no prompt column): --data.prompt_split marker (or common_prefix).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/preference_data.sh"
 MODULE=openrlhf_sepo.cli.score_tokens

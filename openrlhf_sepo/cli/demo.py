@@ -62,6 +62,9 @@ METHODS = {
     "w2s_sepo": dict(_SEPO, policy="strong"),
     "w2s_dpo_nll": dict(_DPO, nll=1.0, policy="strong"),
     "w2s_simpo_nll": dict(_SIMPO, nll=1.0, policy="strong"),
+    # The strong policy from a weak oracle of ANOTHER tokenizer (a BPE of 300 tokens, not the policy's 512):
+    # score_tokens --policy.tokenizer maps the oracle's token rewards onto the policy's tokens.
+    "w2s_x_sepo": dict(_SEPO, scores="oracle_x", policy="strong"),
     "sepo_token_rm": dict(_SEPO, scores="token_rm"),
     "wmle": _WMLE,
     "wmle_onpolicy": dict(_WMLE, trainer="wmle_loop"),
@@ -69,6 +72,7 @@ METHODS = {
 }
 BETA_TRAINERS = {"sepo": "--sepo.beta", "dpo": "--model.beta"}  # the other trainers have no beta
 LOOP_ROUNDS, LOOP_SAMPLES = 2, 4  # wmle_onpolicy: rounds, answers sampled per training prompt and round
+X_VOCAB = 300  # the cross-tokenizer oracle's BPE vocabulary (the policy's: 512)
 TOKEN_RM_LR = 1e-3  # the token RM's learning rate, fixed as the oracle's is (it is a scorer, not a tuned policy)
 QUICK_METHODS = ["sepo", "sepo_random", "sepo_truth", "dpo_nll", "simpo", "w2s_sepo", "sepo_token_rm", "wmle",
                  "wmle_onpolicy"]
@@ -160,6 +164,7 @@ class Demo:
         if not args.sweep:
             self.settings = self._load_settings(args.settings)
         self.steps = self.size["n_policy"] // BATCH * self.size["policy_epochs"]
+        self.cross_tokenizer = any(self.METHODS[m].get("scores") == "oracle_x" for m in self.methods)
         os.makedirs(self.out, exist_ok=True)
 
     def _load_settings(self, path):
@@ -238,11 +243,17 @@ class Demo:
         tiny.build_tokenizer(d("tokenizer"))
         for name, shape in MODELS.items():
             tiny.build_model(d(f"base_{name}"), d("tokenizer"), shape["hidden_size"], shape["num_layers"], seed=seed)
+        if self.cross_tokenizer:  # the other tokenizer and a weak model on it, for the oracle_x / sft_x pair
+            tiny.build_tokenizer(d("tokenizer_x"), X_VOCAB)
+            tiny.build_model(d("base_weak_x"), d("tokenizer_x"), **MODELS["weak"], seed=seed)
         tiny.write_sft_data(d("sft.jsonl"), s["n_sft"], seed)
         # Disjoint seeds: the oracle never sees the policy's pairs, and evaluation sees neither.
         task = dict(variant=self.args.task, label_noise=self.args.label_noise)
-        tiny.write_preference_data(d("oracle_pairs.jsonl"), s["n_oracle"], 1000 * seed + 1, **task)
-        tiny.write_preference_data(d("policy_pairs.jsonl"), s["n_policy"], 1000 * seed + 2, **task)
+        ood = self.args.ood  # the oracle's pairs from one slice of topics and filler words, the policy's from the other
+        tiny.write_preference_data(d("oracle_pairs.jsonl"), s["n_oracle"], 1000 * seed + 1, **task,
+                                   ood_slice="oracle" if ood else None)
+        tiny.write_preference_data(d("policy_pairs.jsonl"), s["n_policy"], 1000 * seed + 2, **task,
+                                   ood_slice="policy" if ood else None)
         with open(d("policy_pairs.jsonl")) as f, open(d("policy_chosen.jsonl"), "w") as out:  # sft_chosen's data
             for line in f:
                 out.write(json.dumps({"messages": json.loads(line)["chosen"]}) + "\n")
@@ -282,6 +293,23 @@ class Demo:
                 "--data.dataset", d("policy_pairs.jsonl"), "--data.apply_chat_template", "--data.max_len", "128",
                 "--output_dir", self.seed_path(seed, "scores_token_rm"), "--overwrite",
                 "--k_perc", ",".join(map(str, K_VALUES))]))
+        if self.cross_tokenizer:
+            jobs.append(self.job(seed, "sft_x", "openrlhf.cli.train_sft", [
+                "--model.model_name_or_path", d("base_weak_x"), "--data.dataset", d("sft.jsonl"), "--data.input_key",
+                "messages", *COMMON_TRAIN, *CHAT, "--train.max_epochs", str(self.size["sft_epochs"]),
+                "--adam.lr", "3e-3", "--ckpt.output_dir", m("sft_x"), "--ckpt.path", self.seed_path(seed, "ckpt", "sft_x"),
+                *seed_flag]))
+            jobs.append(self.job(seed, "oracle_x", "openrlhf.cli.train_dpo", [
+                "--model.model_name_or_path", m("sft_x"), "--ref.model_name_or_path", m("sft_x"),
+                "--data.dataset", d("oracle_pairs.jsonl"), *COMMON_TRAIN, *CHAT,
+                "--train.max_epochs", str(self.size["oracle_epochs"]), "--adam.lr", str(self.args.oracle_lr),
+                "--model.beta", "0.1", "--ckpt.output_dir", m("oracle_x"),
+                "--ckpt.path", self.seed_path(seed, "ckpt", "oracle_x"), *seed_flag]))
+            jobs.append(self.job(seed, "scores_x", "openrlhf_sepo.cli.score_tokens", [
+                "--oracle.model_name_or_path", m("oracle_x"), "--ref.model_name_or_path", m("sft_x"),
+                "--policy.tokenizer", d("tokenizer"), "--data.dataset", d("policy_pairs.jsonl"),
+                "--data.apply_chat_template", "--data.max_len", "128", "--output_dir", self.seed_path(seed, "scores_x"),
+                "--overwrite", "--k_perc", ",".join(map(str, K_VALUES))]))
         jobs.append(self.job(seed, "scores", "openrlhf_sepo.cli.score_tokens", [
             "--oracle.model_name_or_path", m("oracle"), "--ref.model_name_or_path", m("sft"),
             "--data.dataset", d("policy_pairs.jsonl"), "--data.apply_chat_template", "--data.max_len", "128",
@@ -321,7 +349,8 @@ class Demo:
         m, d = lambda *p: self.seed_path(seed, "models", *p), lambda *p: self.seed_path(seed, "data", *p)
         init = init or m("sft" if spec["policy"] == "weak" else "strong_sft")
         scores = scores or self.seed_path(seed, {"oracle": "scores", "truth": "scores_truth",
-                                                 "token_rm": "scores_token_rm"}.get(spec.get("scores"), ""))
+                                                 "token_rm": "scores_token_rm", "oracle_x": "scores_x"}
+                                                .get(spec.get("scores"), ""))
         args = ["--model.model_name_or_path", init, *COMMON_TRAIN, "--train.max_epochs",
                 str(epochs or self.size["policy_epochs"]), "--train.seed", str(seed), *setting_flags(method, setting),
                 "--ckpt.output_dir", m(name), "--ckpt.path", self.seed_path(seed, "ckpt", name)]
@@ -464,7 +493,8 @@ class Demo:
         epochs = self.size["policy_epochs"]
         stats = {"precision": {}, "recall": {}, "training_tokens": {}, "base_rate": n_key / n_tokens,
                  "oracle_precision": {}, "oracle_recall": {}}
-        scores_dir = {"oracle": "scores", "truth": "scores_truth", "token_rm": "scores_token_rm"}
+        scores_dir = {"oracle": "scores", "truth": "scores_truth", "token_rm": "scores_token_rm",
+                      "oracle_x": "scores_x"}
         for method in self.methods:
             spec = METHODS[method]
             if spec["trainer"] == "dpo":
@@ -481,7 +511,7 @@ class Demo:
             # The NLL term reads every chosen token: selected rejected tokens + all chosen tokens.
             nll_tokens = len(key["chosen"]) + int(ds.selected["rejected"].sum())
             stats["training_tokens"][method] = (nll_tokens if spec["nll"] else picked) * epochs
-        scorers = ["oracle"] + (["token_rm"] if os.path.isdir(self.seed_path(seed, "scores_token_rm")) else [])
+        scorers = ["oracle"] + [sc for sc in ("token_rm", "oracle_x") if os.path.isdir(self.seed_path(seed, scores_dir[sc]))]
         for scorer in scorers:
             for k in K_VALUES:
                 precision, recall, _ = quality(dataset(scores_dir[scorer], k, "per_response", False))
@@ -605,6 +635,9 @@ def build_parser():
     p.add_argument("--settings", default=SETTINGS_FILE, help="tuned settings (a --sweep's sweep.json)")
     p.add_argument("--task", default="independent", choices=list(tiny.TASK_VARIANTS), help="pair variant")
     p.add_argument("--label_noise", type=float, default=0.0, help="fraction of training pairs flipped")
+    p.add_argument("--ood", action="store_true",
+                   help="out-of-distribution data: the oracle's pairs from one half of the topics and filler words "
+                        "(tiny.OOD_SLICES), the policies' pairs from the other")
     p.add_argument("--nproc", type=int, default=2, help="gloo ranks per launch")
     p.add_argument("--oracle_lr", type=float, default=1e-4,
                    help="DPO learning rate of the oracle: gentle, so that its token rewards stay local")

@@ -13,6 +13,8 @@ import sys
 
 from openrlhf_sepo.cli.demo import GRID, METHODS, OBJECTIVE, mean_ci95
 
+# Token scorers whose selection is reported: the DPO oracle, the learned token RM, the oracle of another tokenizer.
+SCORERS = ("oracle", "token_rm", "oracle_x")
 METRICS = ("ground_truth_reward", "format_validity", "kl_to_sft", "win_rate_vs_sft", "pairwise_accuracy")
 LABELS = {"ground_truth_reward": "ground truth", "format_validity": "format validity", "kl_to_sft": "KL to SFT",
           "win_rate_vs_sft": "win rate vs SFT", "pairwise_accuracy": "pairwise acc.",
@@ -22,7 +24,8 @@ COMPARISONS = [("sepo", "dpo_nll"), ("sepo", "simpo_nll"), ("sepo", "sepo_random
                ("sepo", "sepo_paper"), ("sepo_exclude_prefix", "sepo"), ("sepo_paper_exclude_prefix", "sepo_paper"),
                ("sepo_paper", "dpo"), ("sepo_paper", "simpo"), ("w2s_sepo", "w2s_dpo_nll"),
                ("w2s_sepo", "w2s_simpo_nll"), ("sepo_token_rm", "sepo"), ("wmle", "sft_chosen"), ("wmle", "sepo"),
-               ("wmle", "dpo_nll"), ("wmle_onpolicy", "wmle"), ("sft_chosen", "sft")]
+               ("wmle", "dpo_nll"), ("wmle_onpolicy", "wmle"), ("sft_chosen", "sft"), ("w2s_x_sepo", "w2s_sepo"),
+               ("w2s_x_sepo", "w2s_dpo_nll"), ("w2s_x_sepo", "w2s_simpo_nll")]
 COLORS = {"sepo": "tab:green", "sepo_exclude_prefix": "tab:brown", "sepo_paper_exclude_prefix": "tab:cyan",
           "sepo_paper": "olive",
           "sepo_random": "tab:gray", "sepo_truth": "black", "dpo": "tab:blue", "simpo": "tab:orange"}
@@ -64,6 +67,7 @@ def write_report(demo) -> dict:
     for seed in seeds:
         done = demo.seed_path(seed, "done")
         stages = {"data", "sft", "strong_sft", "oracle", "scores", "truth", "evaluate", "token_rm", "scores_token_rm",
+                  "sft_x", "oracle_x", "scores_x",
                   *demo.methods}
         loop_jobs = tuple(f"{m}_r" for m in demo.methods if METHODS[m]["trainer"] == "wmle_loop")
         for name in os.listdir(done):
@@ -86,18 +90,20 @@ def write_report(demo) -> dict:
         scorer_selection={
             scorer: {side: {k: list(mean_ci95([evaluations[s]["selection"][f"{scorer}_{side}"][k] for s in seeds]))
                             for k in first[f"{scorer}_{side}"]} for side in ("precision", "recall")}
-            for scorer in ("oracle", "token_rm") if f"{scorer}_precision" in first},
-        # token_rm - oracle, seed by seed (both scorers select on the same pairs of a seed): [mean, half-width].
+            for scorer in SCORERS if f"{scorer}_precision" in first},
+        # scorer - oracle, seed by seed (the scorers select on the same pairs of a seed): [mean, half-width].
         scorer_selection_differences={
-            side: {k: list(mean_ci95([evaluations[s]["selection"][f"token_rm_{side}"][k]
-                                      - evaluations[s]["selection"][f"oracle_{side}"][k] for s in seeds]))
-                   for k in first[f"oracle_{side}"]} for side in ("precision", "recall")}
-        if "token_rm_precision" in first else {},
+            f"{scorer} - oracle": {
+                side: {k: list(mean_ci95([evaluations[s]["selection"][f"{scorer}_{side}"][k]
+                                          - evaluations[s]["selection"][f"oracle_{side}"][k] for s in seeds]))
+                       for k in first[f"oracle_{side}"]} for side in ("precision", "recall")}
+            for scorer in SCORERS[1:] if f"{scorer}_precision" in first},
         wall_time_s=wall,
         ci95={metric: {m: mv[1] for m, mv in summary[metric].items()} for metric in summary},
         per_seed=per_seed,
         seeds=seeds,
-        task={"variant": demo.args.task, "label_noise": demo.args.label_noise, "policy_steps": demo.steps,
+        task={"variant": demo.args.task, "label_noise": demo.args.label_noise, "ood": demo.args.ood,
+              "policy_steps": demo.steps,
               "global_batch": 32, **demo.size},
         settings={m: demo.settings[m] for m in demo.methods},
         weak_to_strong={m: summary["ground_truth_reward"][m][0] for m in (["strong_sft", *strong] if strong else [])},
@@ -123,7 +129,9 @@ def _markdown(demo, evaluations, models, summary, metrics, wall):
     n = len(seeds)
     lines = [
         "# SePO benchmark on the embedded key-word task", "",
-        f"Task variant `{demo.args.task}` (label noise {demo.args.label_noise}); seeds {seeds} (each redraws data, "
+        f"Task variant `{demo.args.task}` (label noise {demo.args.label_noise}"
+        f"{'; out of distribution: oracle and policy pairs from disjoint topic and filler slices' if demo.args.ood else ''}"
+        f"); seeds {seeds} (each redraws data, "
         f"base models, SFT, oracle, scores and policies); {demo.steps} optimizer steps of {32} pairs per policy; "
         f"settings from `{os.path.basename(demo.args.settings)}`. Mean ± 95% interval over {n} seeds (Student t), on test prompts whose "
         "topics no training row and no validation prompt uses. KL and win rate are against the model's own SFT "
@@ -148,13 +156,14 @@ def _markdown(demo, evaluations, models, summary, metrics, wall):
         "", "## Selection against the planted key tokens", "",
         f"Key tokens of the side's sign (good words in chosen answers, bad ones in rejected) are "
         f"{metrics['key_token_base_rate']:.1%} of response tokens. Each scorer's per-response selection, by k "
-        "(oracle: the DPO oracle against the SFT model; token_rm: the learned token reward model):", "",
+        "(oracle: the DPO oracle against the SFT model; token_rm: the learned token reward model; oracle_x: a DPO "
+        "oracle of another tokenizer, its rewards mapped onto the policy's tokens):", "",
         "| scorer | k | precision | recall |", "|---|---|---|---|",
         *[f"| {scorer} | {k} | {_fmt(*sel['precision'][k])} | {_fmt(*sel['recall'][k])} |"
           for scorer, sel in metrics["scorer_selection"].items() for k in sel["precision"]],
-        *[f"| token_rm - oracle (seed by seed) | {k} | {_fmt(*d['precision'][k], signed=True)} | "
+        *[f"| {name} (seed by seed) | {k} | {_fmt(*d['precision'][k], signed=True)} | "
           f"{_fmt(*d['recall'][k], signed=True)} |"
-          for d in [metrics["scorer_selection_differences"]] if d for k in d["precision"]],
+          for name, d in metrics["scorer_selection_differences"].items() for k in d["precision"]],
         "", "![selection](selection.png)", "",
         "## Reward against KL to the SFT model", "",
         "One point per method and checkpoint (mean over seeds), the final one with its 95% intervals.", "",

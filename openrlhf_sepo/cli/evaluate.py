@@ -31,6 +31,7 @@ from typing import Optional
 
 import openrlhf_sepo  # noqa: F401  (flash-attn kernel placeholder, before anything imports OpenRLHF)
 from openrlhf_sepo.datasets import DataStrategy
+from openrlhf_sepo.hh import DEFAULT_MARKER, PROMPT_SPLITS, marker_arg, split_prompt
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 GROUND_TRUTH = "ground_truth"
@@ -55,6 +56,9 @@ class DataFlags:
     apply_chat_template: bool = False
     tokenizer_chat_template: Optional[str] = None
     max_len: int = 512
+    # Rows with no prompt column (HH-RLHF shape): split each pair into prompt + final answers (openrlhf_sepo.hh).
+    prompt_split: str = "none"
+    assistant_marker: str = DEFAULT_MARKER
 
 
 @dataclasses.dataclass
@@ -96,6 +100,22 @@ def _reward_dataset(rows, tokenizer, data: DataFlags, is_dpo: bool):
         _as_dataset(rows), tokenizer, data.max_len, DataStrategy(data, quiet=True), data.input_template, is_dpo=is_dpo,
         num_processors=1,
     )
+
+
+def _split_rows(rows, data: DataFlags):
+    """``--data.prompt_split``: (rows as ``{"prompt", "chosen", "rejected"}``, the flags that read them with
+    OpenRLHF's prompt-key path, the indices of rows that share no prompt and are left out). Unchanged when
+    the split is ``none``."""
+    if data.prompt_split == "none":
+        return rows, data, []
+    split, unsplit = [], []
+    for i, row in enumerate(rows):
+        parts = split_prompt(row[data.chosen_key], row[data.rejected_key], data.prompt_split, data.assistant_marker)
+        if parts is None:
+            unsplit.append(i)
+        else:
+            split.append(dict(zip(("prompt", "chosen", "rejected"), parts)))
+    return split, dataclasses.replace(data, prompt_key="prompt", chosen_key="chosen", rejected_key="rejected"), unsplit
 
 
 def _batches(dataset, batch_size: int):
@@ -153,13 +173,16 @@ def pairwise_accuracy(model, tokenizer, rows, data: DataFlags = None, batch_size
     rows: a ``datasets.Dataset`` or a list of dicts in the shape ``data`` (``--data.*`` flags) describes.
     u(y) = mean_{t in response} log pi(y_t | x, y_<t), response = tokens after the prompt, EOS included.
     Returns ``{"pairwise_accuracy": mean 1[u(y_w) > u(y_l)], "mean_margin": mean u(y_w) - u(y_l),
-    "n_pairs": pairs left after OpenRLHF's filter of prompts longer than max_len - 2, "margins": [...]}``.
+    "n_pairs": pairs left after OpenRLHF's filter of prompts longer than max_len - 2, "margins": [...]}``;
+    with ``data.prompt_split`` also ``"n_no_shared_prompt"``: rows left out because their two sides share no
+    prompt (``openrlhf_sepo.hh.split_prompt``).
     """
     import torch
     from openrlhf.models.utils import log_probs_from_logits
 
     data = data or DataFlags()
-    dataset = _reward_dataset(rows, tokenizer, data, is_dpo=True)
+    rows, flags, unsplit = _split_rows(rows, data)
+    dataset = _reward_dataset(rows, tokenizer, flags, is_dpo=True)
     device = _device_of(model)
     margins = []
     with torch.no_grad():
@@ -180,6 +203,7 @@ def pairwise_accuracy(model, tokenizer, rows, data: DataFlags = None, batch_size
         "mean_margin": sum(margins) / n if n else float("nan"),
         "n_pairs": n,
         "margins": margins,
+        **({"n_no_shared_prompt": len(unsplit)} if data.prompt_split != "none" else {}),
     }
 
 
@@ -336,7 +360,9 @@ def win_rate(rewards, baseline_rewards) -> float:
 
 def preference_prompts(rows, data: DataFlags) -> list:
     """The distinct prompts of preference rows, in order: ``row[--data.prompt_key]``, or with
-    ``--data.apply_chat_template`` and no prompt key the chosen conversation without its last turn."""
+    ``--data.apply_chat_template`` and no prompt key the chosen conversation without its last turn, or with
+    ``--data.prompt_split`` the prompt it splits off (rows that share none are left out)."""
+    rows, data, _ = _split_rows(rows, data)
     prompts, seen = [], set()
     for i, row in enumerate(rows):
         if data.prompt_key:
@@ -432,6 +458,13 @@ def evaluate_models(
         raise EvaluationInputError(
             f"--data.input_template must contain '{{}}' for the prompt, got {data.input_template!r}"
         )
+    if data.prompt_split not in PROMPT_SPLITS:
+        raise EvaluationInputError(f"--data.prompt_split must be one of {PROMPT_SPLITS}, got {data.prompt_split!r}")
+    if data.prompt_split != "none" and data.prompt_key:
+        raise EvaluationInputError(
+            f"--data.prompt_split {data.prompt_split} makes the prompt from chosen and rejected: drop "
+            f"--data.prompt_key {data.prompt_key!r} (or use --data.prompt_split none)"
+        )
     generating = gen.n_prompts > 0
     if not data.dataset and not (generating and gen.prompts):
         raise EvaluationInputError(
@@ -495,7 +528,8 @@ def evaluate_models(
         metrics = {"path": path}
         if pairs is not None:
             scores = pairwise_accuracy(model, tokenizer, pairs, data, batch_size)
-            metrics.update({k: scores[k] for k in ("pairwise_accuracy", "mean_margin", "n_pairs")})
+            metrics.update({k: scores[k] for k in ("pairwise_accuracy", "mean_margin", "n_pairs", "n_no_shared_prompt")
+                            if k in scores})
         if prompts is not None:
             responses[name], *ids[name] = generate(model, tokenizer, prompts, data, gen, batch_size, return_ids=True)
             own_sums[name] = response_logprob_sums(model, *ids[name], batch_size)
@@ -612,6 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data.apply_chat_template", action="store_true", default=False)
     p.add_argument("--data.tokenizer_chat_template", default=d.tokenizer_chat_template)
     p.add_argument("--data.max_len", type=int, default=d.max_len)
+    p.add_argument("--data.prompt_split", default=d.prompt_split, choices=PROMPT_SPLITS,
+                   help="rows with no prompt column (HH-RLHF shape): split each pair into the shared prompt and "
+                        "the final answers (openrlhf_sepo.hh.split_prompt); none: as OpenRLHF")
+    p.add_argument("--data.assistant_marker", type=marker_arg, default=d.assistant_marker,
+                   help="the text that opens an assistant turn, for --data.prompt_split (\\n typed here is a newline)")
     g = GenFlags()
     p.add_argument("--gen.prompts", default=g.prompts, help="held-out prompts (default: the --data.dataset prompts)")
     p.add_argument("--gen.prompt_key", default=g.prompt_key)

@@ -4,6 +4,8 @@
     --scorer token_rm:              r(y_t) = act(head(h_t)), a learned token reward model (token_rm.py), h_t its
                                     last hidden state at y_t
     (fp32, every response token, EOS included)
+    --policy.tokenizer PATH:        oracle_ref scores on the oracle's tokens, mapped onto the policy tokenizer's
+                                    ids (the ones written) by character overlap, sums kept (token_map.py)
 
 Writes ``OUTPUT_DIR/data/shard-NNNNN.parquet`` (one row per kept pair: index, prompt_len, chosen_input_ids,
 rejected_input_ids, chosen_scores, rejected_scores) and ``OUTPUT_DIR/manifest.json`` (models, tokenizer,
@@ -39,7 +41,9 @@ from openrlhf.utils import get_tokenizer
 from openrlhf.utils.config import hierarchize
 
 from openrlhf_sepo.datasets import DataStrategy
+from openrlhf_sepo.hh import DEFAULT_MARKER, PROMPT_SPLITS, marker_arg, split_prompt
 from openrlhf_sepo.scoring import select_key_tokens, token_scores, tokenizer_fingerprint
+from openrlhf_sepo.token_map import MappingError, map_tokens, response_tokens, special_ids
 from openrlhf_sepo.token_rm import ACTIVATIONS, CONFIG_KEY, load_token_rm, token_rewards
 
 FORMAT_VERSION = 1
@@ -50,6 +54,8 @@ SKIP_REASONS = (
     "empty_prompt",  # prompt of 0 tokens: the first response token would have no context to be scored from
     "prompt_too_long",  # fewer than 2 response tokens left within --data.max_len
     "identical_responses",  # chosen and rejected tokenize to the same ids
+    "no_shared_prompt",  # --data.prompt_split: the two sides share no prompt (openrlhf_sepo.hh.split_prompt)
+    "mapping_failed",  # --policy.tokenizer: the oracle's tokens cannot be mapped onto the policy's (token_map.py)
 )
 SKIP_EXAMPLES_KEPT = 20  # per reason, with their messages, in the manifest
 # Test hook: SIGKILL this process after it has written this many shards (simulates a crash mid-run).
@@ -78,6 +84,10 @@ def build_parser():
                    default=None, help="oracle pi_o (the DPO model); alias --dpo_model_path; --scorer oracle_ref only")
     p.add_argument("--ref.model_name_or_path", "--ref_model_path", dest="ref.model_name_or_path",
                    default=None, help="reference pi_ref (the SFT model); alias --ref_model_path; --scorer oracle_ref only")
+    p.add_argument("--policy.tokenizer", dest="policy.tokenizer", default=None,
+                   help="the policy's tokenizer (a tokenizer or model dir) when it is not the oracle's: the ids written "
+                        "are the policy's, the oracle's token scores are mapped onto them by character overlap "
+                        "(openrlhf_sepo/token_map.py); --scorer oracle_ref, fast tokenizers only")
     p.add_argument("--token_rm.model_name_or_path", dest="token_rm.model_name_or_path", default=None,
                    help="a train_token_rm checkpoint (value-head model); --scorer token_rm only")
     p.add_argument("--output_dir", "--save_dir", dest="output_dir", required=True,
@@ -99,6 +109,11 @@ def build_parser():
     p.add_argument("--data.apply_chat_template", action="store_true", default=False)
     p.add_argument("--data.tokenizer_chat_template", type=str, default=None)
     p.add_argument("--data.max_len", type=int, default=512)
+    p.add_argument("--data.prompt_split", choices=PROMPT_SPLITS, default="none",
+                   help="rows with no prompt column (HH-RLHF shape): marker / common_prefix split each pair into the "
+                        "shared prompt and the final answers (openrlhf_sepo.hh.split_prompt); none: as OpenRLHF")
+    p.add_argument("--data.assistant_marker", type=marker_arg, default=DEFAULT_MARKER,
+                   help="the text that opens an assistant turn, for --data.prompt_split (\\n typed here is a newline)")
     p.add_argument("--data.disable_fast_tokenizer", action="store_true", default=False)
     p.add_argument("--data.seed", type=int, default=42,
                    help="seed of the --data.dataset_probs interleaving (train_dpo's --train.seed)")
@@ -132,6 +147,12 @@ def parse_args(argv=None):
         for name, flag in ORACLE_REF_FLAGS:
             if given[name]:
                 parser.error(f"{flag} is not used with --scorer token_rm (the token reward model alone scores): drop it")
+    if args.policy.tokenizer is not None:
+        if args.scorer != "oracle_ref":
+            parser.error("--policy.tokenizer is supported with --scorer oracle_ref only")
+        if args.data.disable_fast_tokenizer:
+            parser.error("--policy.tokenizer maps tokens by character offsets, which need fast tokenizers: "
+                         "drop --data.disable_fast_tokenizer")
     try:
         args.k_perc = sorted({float(k) for k in args.k_perc.split(",") if k.strip()})
     except ValueError:
@@ -170,18 +191,36 @@ class RowTokenizer(RewardDataset):
     RewardDataset tokenizes the whole data set in its constructor and drops a long-prompt row without a trace;
     here ``encode`` runs its own ``process_data`` and ``__getitem__`` on a single row, so the ids are exactly
     the trainer's, and every row that is not kept comes back with a reason.
+
+    With ``--data.prompt_split marker|common_prefix`` a row with no prompt column is first split by
+    ``openrlhf_sepo.hh.split_prompt`` and handed to ``process_data`` as a ``{"prompt", "chosen", "rejected"}``
+    row with prompt key ``"prompt"``: OpenRLHF's own prompt-key path then makes the ids, and only the final
+    answers are response tokens.
     """
 
     def __init__(self, tokenizer, strategy):
         data = strategy.args.data
         super().__init__(_NoRows(), tokenizer, data.max_len, strategy, input_template=data.input_template,
                          is_dpo=True, num_processors=1)
+        self.prompt_split = getattr(data, "prompt_split", "none")
+        self.assistant_marker = getattr(data, "assistant_marker", DEFAULT_MARKER)
+        # The keys _check reads in a row as the data set has it; a split row has OpenRLHF's keys below.
+        self.row_keys = [self.chosen_key, self.rejected_key] + ([self.prompt_key] if self.prompt_key else [])
+        if self.prompt_split != "none":
+            if self.prompt_key:  # before anything is written: a prompt column and a split would disagree
+                raise SystemExit(f"--data.prompt_split {self.prompt_split} makes the prompt from chosen and "
+                                 f"rejected: drop --data.prompt_key {self.prompt_key!r} (or use --data.prompt_split none)")
+            self.prompt_key, self.chosen_key, self.rejected_key = "prompt", "chosen", "rejected"
 
     def encode(self, row):
         """-> (prompt_len, chosen_ids, rejected_ids), or (reason, message) for a skipped row."""
         problem = self._check(row)
         if problem:
             return problem
+        if self.prompt_split != "none":
+            row = self._split(row)
+            if isinstance(row, tuple):
+                return row
         out = self.process_data(row)
         if out["prompt"] is None:
             return "prompt_too_long", f"prompt of {out['extra']} tokens leaves < 2 response tokens in max_len {self.max_length}"
@@ -189,7 +228,8 @@ class RowTokenizer(RewardDataset):
         chosen_ids, _, rejected_ids, _, prompt_len = self[0]
         chosen_ids, rejected_ids = chosen_ids[0].tolist(), rejected_ids[0].tolist()
         if prompt_len == 0:
-            return "empty_prompt", "the prompt is empty (set --data.prompt_key or --data.apply_chat_template)"
+            return "empty_prompt", ("the prompt is empty (set --data.prompt_key or --data.apply_chat_template, or "
+                                    "--data.prompt_split for rows with no prompt column)")
         shortest = min(len(chosen_ids), len(rejected_ids)) - prompt_len
         if shortest < 2:
             return "prompt_too_long", f"only {shortest} response token(s) left within max_len {self.max_length}"
@@ -198,7 +238,7 @@ class RowTokenizer(RewardDataset):
         return prompt_len, chosen_ids, rejected_ids
 
     def _check(self, row):
-        keys = [self.chosen_key, self.rejected_key] + ([self.prompt_key] if self.prompt_key else [])
+        keys = self.row_keys
         for key in keys:
             if row.get(key) is None:
                 return "missing_key", f"key {key!r} is missing or null"
@@ -206,12 +246,30 @@ class RowTokenizer(RewardDataset):
             if not _is_text(row[key], messages=bool(self.apply_chat_template)):
                 kind = "a list of {'role', 'content': str} messages" if self.apply_chat_template else "a string"
                 return "non_text", f"{key!r} is not {kind}: {str(row[key])[:80]!r}"
-        for key in (self.chosen_key, self.rejected_key):
+        return self._check_answers(row, keys[:2])
+
+    def _check_answers(self, row, keys):
+        for key in keys:
             value = row[key]
             text = value if isinstance(value, str) else (value[-1]["content"] if value else "")
             if not text.strip():
                 return "empty_response", f"{key!r} is empty or whitespace-only"
         return None
+
+    def _split(self, row):
+        """--data.prompt_split: the row as {"prompt", "chosen", "rejected"}, or (reason, message)."""
+        chosen, rejected = row[self.row_keys[0]], row[self.row_keys[1]]
+        if chosen == rejected:  # would split into identical answers; say so rather than "no shared prompt"
+            return "identical_responses", "chosen and rejected are identical"
+        parts = split_prompt(chosen, rejected, self.prompt_split, self.assistant_marker)
+        if parts is None:
+            rule = ("the messages before the last (assistant) one differ" if isinstance(chosen, list) else
+                    f"chosen has no {self.assistant_marker!r}, or rejected does not start with chosen up to its last one"
+                    if self.prompt_split == "marker" else "no common prefix up to a marker or whitespace")
+            return "no_shared_prompt", f"--data.prompt_split {self.prompt_split}: {rule}"
+        split = dict(zip(("prompt", "chosen", "rejected"), parts))
+        problem = self._check_answers(split, ("chosen", "rejected"))
+        return problem or split
 
 
 def _is_text(value, messages):
@@ -220,6 +278,70 @@ def _is_text(value, messages):
     return isinstance(value, list) and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
     )
+
+
+TOKEN_MAPPING = ("character-overlap split, per-response sum preserved: each oracle token's score is split among the "
+                 "policy tokens overlapping its characters, in proportion to the overlap; special tokens matched "
+                 "from the end (EOS to EOS); see openrlhf_sepo/token_map.py")
+
+
+class CrossRowTokenizer:
+    """``--policy.tokenizer``: each row tokenized twice by RowTokenizer, with the policy's tokenizer (the ids written)
+    and with the oracle's (the ids scored); token_map.py maps the oracle-token scores onto the policy's tokens.
+
+    ``encode`` -> (oracle prompt_len, oracle chosen_ids, oracle rejected_ids, (policy prompt_len, chosen_ids,
+    rejected_ids), (chosen TokenMap, rejected TokenMap)), or (reason, message). ``tokenizer`` is the oracle's: the
+    batches made of these items are the oracle's ids (score_batch pads them, map_to_policy maps their scores).
+    """
+
+    def __init__(self, policy, oracle):
+        self.policy, self.oracle, self.tokenizer = policy, oracle, oracle.tokenizer
+        self.specials = {"policy": special_ids(policy.tokenizer), "oracle": special_ids(oracle.tokenizer)}
+
+    def encode(self, row):
+        sides = {}
+        for name, rt in (("policy", self.policy), ("oracle", self.oracle)):
+            result = rt.encode(row)
+            if isinstance(result[0], str):  # a policy-side skip reads as without the flag
+                return result if name == "policy" else (result[0], f"oracle tokenizer: {result[1]}")
+            sides[name] = result, (rt.prompts[0], rt.chosens[0], rt.rejects[0])
+        maps = []
+        for k, side in enumerate(("chosen", "rejected")):
+            texts = {}
+            for name, rt in (("policy", self.policy), ("oracle", self.oracle)):
+                (prompt_len, *ids), strings = sides[name]
+                try:
+                    texts[name] = response_tokens(rt.tokenizer, strings[0], strings[1 + k], ids[k], prompt_len,
+                                                  rt.max_length, self.specials[name])
+                except MappingError as e:
+                    return "mapping_failed", f"{side}: {e}"
+            try:
+                maps.append(map_tokens(*texts["oracle"], *texts["policy"]))
+            except MappingError as e:
+                return "mapping_failed", f"{side}: {e}"
+        return (*sides["oracle"][0], sides["policy"][0], tuple(maps))
+
+
+def map_to_policy(batch, chosen, rejected):
+    """CrossRowTokenizer items and their oracle-token scores -> (policy items (index, prompt_len, chosen_ids,
+    rejected_ids), policy-token chosen scores, rejected scores)."""
+    items, mapped_c, mapped_r = [], [], []
+    for (index, _, _, _, policy, (map_c, map_r)), c, r in zip(batch, chosen, rejected):
+        items.append((index, *policy))
+        mapped_c.append(map_c.apply(c))
+        mapped_r.append(map_r.apply(r))
+    return items, mapped_c, mapped_r
+
+
+def cross_tokenizer_identity(oracle_path, oracle_tok, policy_tok):
+    """The manifest / run-id entries of --policy.tokenizer; SystemExit when a tokenizer has no character offsets."""
+    for flag, tok in (("--policy.tokenizer", policy_tok), ("--oracle.model_name_or_path", oracle_tok)):
+        if not getattr(tok, "is_fast", False):
+            raise SystemExit(f"--policy.tokenizer maps tokens by character offsets (return_offsets_mapping), which "
+                             f"needs fast tokenizers: the tokenizer of {flag} {tok.name_or_path!r} is a "
+                             f"{type(tok).__name__}, not a fast tokenizer")
+    return {"oracle_tokenizer": {"name_or_path": oracle_path, "fingerprint": tokenizer_fingerprint(oracle_tok)},
+            "token_mapping": TOKEN_MAPPING}
 
 
 # ----------------------------------------------------------------------------------------------- identity
@@ -480,6 +602,8 @@ def score_shard(rows, first_index, row_tokenizer, scorer, args, device, progress
     records = []
     for batch in make_batches(items, args.score.micro_batch_size, args.score.max_tokens):
         chosen, rejected = score_batch(scorer, batch, row_tokenizer.tokenizer.pad_token_id, device)
+        if len(batch[0]) > 4:  # --policy.tokenizer: scored on the oracle's tokens, written on the policy's
+            batch, chosen, rejected = map_to_policy(batch, chosen, rejected)
         add_scores(stats, args.k_perc, chosen, rejected)
         for (index, prompt_len, chosen_ids, rejected_ids), c, r in zip(batch, chosen, rejected):
             if not (torch.isfinite(c).all() and torch.isfinite(r).all()):
@@ -588,13 +712,24 @@ def run(args):
         tokenizer = load_tokenizer(args, tokenizer_path, tokenizer_flag)
         scorer_identity = {"scorer": "token_rm", "token_rm": {**rm_id, "settings": settings}}
         formula = FORMULAS[settings["activation"]]
+    oracle_tokenizer = None
+    if args.policy.tokenizer is not None:  # the oracle's tokenizer scores; the policy's makes the ids (and the run id)
+        oracle_tokenizer, tokenizer_path = tokenizer, args.policy.tokenizer
+        tokenizer = load_tokenizer(args, tokenizer_path, "--policy.tokenizer")
+        scorer_identity.update(cross_tokenizer_identity(args.oracle.model_name_or_path, oracle_tokenizer, tokenizer))
     fingerprint = tokenizer_fingerprint(tokenizer)  # before RewardDataset applies --data.tokenizer_chat_template
     data = blending_datasets(args.data.dataset, args.data.dataset_probs, strategy, args.data.seed,
                              max_count=args.data.max_samples, dataset_split=args.data.dataset_split)
     data = data.select(range(min(args.data.max_samples, len(data))))  # as train_dpo does
     row_tokenizer = RowTokenizer(tokenizer, strategy)
+    if oracle_tokenizer is not None:  # the oracle keeps its own chat template: --data.tokenizer_chat_template is the policy's
+        oracle_data = argparse.Namespace(**{**vars(args.data), "tokenizer_chat_template": None})
+        row_tokenizer = CrossRowTokenizer(row_tokenizer, RowTokenizer(oracle_tokenizer, DataStrategy(oracle_data, rank, quiet=True)))
 
     data_flags = {k: v for k, v in vars(args.data).items()}
+    if data_flags.get("prompt_split") == "none":  # without a split, the run id stays that of earlier versions
+        data_flags.pop("prompt_split")
+        data_flags.pop("assistant_marker", None)
     data_flags["rows"] = len(data)
     score_flags = {"param_dtype": args.ds.param_dtype, "attn_implementation": args.ds.attn_implementation,
                    "shard_size": args.score.shard_size}
