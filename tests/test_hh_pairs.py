@@ -209,6 +209,14 @@ def test_score_tokens_keeps_hh_rows_and_scores_the_final_answers(tiny_dir, hh_fi
     for r, (c_ids, _, r_ids, _, p) in zip(records, (ds[i] for i in range(len(ds)))):
         assert (r["chosen_input_ids"], r["rejected_input_ids"], r["prompt_len"]) == (c_ids[0].tolist(), r_ids[0].tolist(), p)
 
+    # ... and SePO trains on them without a prompt column: the final answers are the responses.
+    train = run("openrlhf_sepo.cli.train_sepo", [
+        "--model.model_name_or_path", base, "--data.dataset", out, "--data.max_len", "128", "--train.batch_size", "4",
+        "--train.micro_batch_size", "2", "--ds.attn_implementation", "sdpa", "--ds.zero_stage", "0",
+        "--ckpt.output_dir", str(tmp_path / "policy")])
+    assert f"TokenScoreDataset: {N_SINGLE + N_MULTI} pairs" in train.stdout
+    assert os.path.isfile(os.path.join(str(tmp_path / "policy"), "config.json"))
+
 
 def test_evaluate_reads_hh_rows(tiny_dir, hh_file, tmp_path):
     from openrlhf_sepo.cli import evaluate as ev

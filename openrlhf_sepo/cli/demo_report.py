@@ -51,7 +51,7 @@ def write_report(demo) -> dict:
             evaluations[seed] = json.load(f)
     weak = [m for m in demo.methods if METHODS[m]["policy"] == "weak"]
     strong = [m for m in demo.methods if METHODS[m]["policy"] == "strong"]
-    models = ["sft", "oracle", *weak] + (["strong_sft", *strong] if strong else [])
+    models = (["sft", "oracle", *weak] if weak else []) + (["strong_sft", *strong] if strong else [])
 
     per_seed = {metric: {m: [evaluations[s]["final"][m][metric] for s in seeds] for m in models}
                 for metric in METRICS}
@@ -200,8 +200,8 @@ def _plots(demo, evaluations, weak, strong, metrics):
     import matplotlib.pyplot as plt
 
     seeds = demo.seeds
-    families = [("weak policy (hidden 64)", "sft", weak)] + ([("strong policy (hidden 128), weak oracle",
-                                                               "strong_sft", strong)] if strong else [])
+    families = ([("weak policy (hidden 64)", "sft", weak)] if weak else []) + (
+        [("strong policy (hidden 128), weak oracle", "strong_sft", strong)] if strong else [])
 
     # Frontier: ground truth against KL, along each method's checkpoints; final point with 95% intervals.
     fig, axes = plt.subplots(1, len(families), figsize=(6.5 * len(families), 4.6), squeeze=False)
