@@ -16,6 +16,7 @@ import os
 from collections import Counter
 
 import torch
+from openrlhf.datasets import SFTDataset
 from torch.utils.data import Dataset
 
 SKIPS = (
@@ -47,6 +48,26 @@ def load_swap_map(spec: str) -> dict:
     return swap
 
 
+class SFTRowTokenizer(SFTDataset):
+    """OpenRLHF's ``SFTDataset``, one row at a time (as ``score_tokens.RowTokenizer`` is ``RewardDataset``'s): its own
+    ``process_data`` and ``__getitem__`` make the ids, so they are exactly ``train_sft``'s."""
+
+    def __init__(self, tokenizer, max_length, strategy):
+        from openrlhf_sepo.cli.score_tokens import _NoRows
+
+        super().__init__(_NoRows(), tokenizer, max_length, strategy, input_template=strategy.args.data.input_template,
+                         num_processors=1)
+
+    def encode(self, row):
+        """-> (ids [1, L], attention [1, L], loss_mask [1, L], prompt length), or None for a prompt too long."""
+        out = self.process_data(dict(row))
+        if out["prompt"] is None:
+            return None
+        self.prompts, self.responses, self.prompt_ids_lens = [out["prompt"]], [out["response"]], [out["prompt_ids_len"]]
+        ids, att, loss_mask = self[0]
+        return ids, att, loss_mask, out["prompt_ids_len"]
+
+
 class CounterfactualSFTDataset(Dataset):
     """(x, y) and (x', y) for TKPO, tokenized as OpenRLHF's ``SFTDataset``.
 
@@ -65,8 +86,6 @@ class CounterfactualSFTDataset(Dataset):
 
     def __init__(self, dataset, tokenizer, max_length, strategy, counterfactual_key=None, attribute_key=None,
                  swap_map=None, name="--data.dataset"):
-        from openrlhf.datasets import SFTDataset
-
         super().__init__()
         self.tokenizer, self.max_length = tokenizer, max_length
         data = strategy.args.data
@@ -78,25 +97,7 @@ class CounterfactualSFTDataset(Dataset):
                                           "see --data.input_key, --data.output_key, --tkpo.counterfactual_key, "
                                           "--tkpo.attribute_key")
 
-        class _One(SFTDataset):  # SFTDataset's own tokenization, one row at a time
-            def __init__(inner):
-                inner.tokenizer, inner.strategy, inner.pretrain_mode, inner.max_length = tokenizer, strategy, False, max_length
-                inner.multiturn, inner.input_template = False, data.input_template
-                inner.input_key, inner.output_key = data.input_key, data.output_key
-                inner.apply_chat_template = tokenizer.apply_chat_template if data.apply_chat_template else False
-                if data.apply_chat_template and data.tokenizer_chat_template:
-                    tokenizer.chat_template = data.tokenizer_chat_template
-
-            def encode(inner, row):
-                out = inner.process_data(dict(row))
-                if out["prompt"] is None:
-                    return None
-                inner.prompts, inner.responses = [out["prompt"]], [out["response"]]
-                inner.prompt_ids_lens = [out["prompt_ids_len"]]
-                ids, att, loss_mask = inner[0]
-                return ids, att, loss_mask, out["prompt_ids_len"]
-
-        one = _One()
+        one = SFTRowTokenizer(tokenizer, max_length, strategy)
         self.items, self.skipped, self.skip_examples = [], Counter(), {}
         for index, row in enumerate(dataset):
             result = self._encode(one, row, counterfactual_key, attribute_key, swap_map)

@@ -104,17 +104,23 @@ def token_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return activation(head(output["last_hidden_state"]).squeeze(-1).float(), kind)
 
 
+def checkpoint_settings(config: dict, path: str) -> dict:
+    """The ``{"activation", "aggregation", "tau"}`` a ``train_token_rm`` checkpoint was trained with, from its config
+    (a dict, as ``config.json`` holds it); ``ValueError`` naming ``path`` if it is not such a checkpoint."""
+    settings = config.get(CONFIG_KEY)
+    if not isinstance(settings, dict) or settings.get("activation") not in ACTIVATIONS:
+        raise ValueError(f"{path!r} is not a train_token_rm checkpoint: its config.json has no '{CONFIG_KEY}' entry "
+                         f"with an activation in {ACTIVATIONS} (got {settings!r})")
+    return settings
+
+
 def load_token_rm(path: str, param_dtype: str = "bf16", attn_implementation: str = "sdpa", **kwargs):
     """(model, settings) (``param_dtype``: bf16, fp16 or fp32) of a ``train_token_rm`` HF checkpoint: OpenRLHF's critic-type model with its value head,
     and the ``{"activation", "aggregation", "tau"}`` it was trained with (from its config)."""
     from openrlhf.models import get_llm_for_sequence_regression
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    settings = getattr(config, CONFIG_KEY, None)
-    if not isinstance(settings, dict) or settings.get("activation") not in ACTIVATIONS:
-        raise ValueError(f"{path!r} is not a train_token_rm checkpoint: its config.json has no '{CONFIG_KEY}' entry "
-                         "with the activation it was trained with")
+    settings = checkpoint_settings(AutoConfig.from_pretrained(path, trust_remote_code=True).to_dict(), path)
     # OpenRLHF loads in bf16 or fp16 only; fp32 (scoring on a CPU) upcasts bf16 weights, which is lossless for the
     # bf16 checkpoints train_token_rm saves (a checkpoint saved in fp32 elsewhere would be rounded to bf16 first).
     model = get_llm_for_sequence_regression(path, "critic", param_dtype="bf16" if param_dtype == "fp32" else param_dtype,

@@ -141,18 +141,11 @@ class RankedListDataset(Dataset):
             pseudo = {self.row_tokenizer.prompt_key: as_messages(prompt, "user"),
                       self.row_tokenizer.chosen_key: as_messages(response, "assistant"),
                       self.row_tokenizer.rejected_key: as_messages(response, "assistant")}
-            problem = self.row_tokenizer._check(pseudo)
-            if problem:
-                return problem
-            encoded = self.row_tokenizer.process_data(pseudo)
-            if encoded["prompt"] is None:
-                return "prompt_too_long", f"prompt of {encoded['extra']} tokens leaves < 2 response tokens"
-            rt = self.row_tokenizer
-            rt.prompts, rt.chosens, rt.rejects, rt.extras = ([encoded[k]] for k in ("prompt", "chosen", "reject", "extra"))
-            ids, _, _, _, prompt_len = rt[0]
-            if ids.shape[1] - prompt_len < 2:
-                return "prompt_too_long", f"only {ids.shape[1] - prompt_len} response token(s) within max_len"
-            kept_ids.append(ids[0])
+            result = self.row_tokenizer.tokenize(pseudo)  # the response in both slots: its ids as train_dpo's
+            if isinstance(result[0], str):
+                return result
+            prompt_len, ids, _ = result
+            kept_ids.append(torch.tensor(ids))
             kept_scores.append(score)
         if len(kept_ids) < 2:
             return "too_few_responses", f"{len(kept_ids)} non-empty response(s)"

@@ -72,6 +72,8 @@ METHODS = {
 }
 BETA_TRAINERS = {"sepo": "--sepo.beta", "dpo": "--model.beta"}  # the other trainers have no beta
 LOOP_ROUNDS, LOOP_SAMPLES = 2, 4  # wmle_onpolicy: rounds, answers sampled per training prompt and round
+# Each method's "scores" -> the seed's scores dir it trains from (and selection_stats reads).
+SCORES_DIRS = {"oracle": "scores", "truth": "scores_truth", "token_rm": "scores_token_rm", "oracle_x": "scores_x"}
 X_VOCAB = 300  # the cross-tokenizer oracle's BPE vocabulary (the policy's: 512)
 TOKEN_RM_LR = 1e-3  # the token RM's learning rate, fixed as the oracle's is (it is a scorer, not a tuned policy)
 QUICK_METHODS = ["sepo", "sepo_random", "sepo_truth", "dpo_nll", "simpo", "w2s_sepo", "sepo_token_rm", "wmle",
@@ -348,9 +350,7 @@ class Demo:
         spec = METHODS[method]
         m, d = lambda *p: self.seed_path(seed, "models", *p), lambda *p: self.seed_path(seed, "data", *p)
         init = init or m("sft" if spec["policy"] == "weak" else "strong_sft")
-        scores = scores or self.seed_path(seed, {"oracle": "scores", "truth": "scores_truth",
-                                                 "token_rm": "scores_token_rm", "oracle_x": "scores_x"}
-                                                .get(spec.get("scores"), ""))
+        scores = scores or self.seed_path(seed, SCORES_DIRS.get(spec.get("scores"), ""))
         args = ["--model.model_name_or_path", init, *COMMON_TRAIN, "--train.max_epochs",
                 str(epochs or self.size["policy_epochs"]), "--train.seed", str(seed), *setting_flags(method, setting),
                 "--ckpt.output_dir", m(name), "--ckpt.path", self.seed_path(seed, "ckpt", name)]
@@ -493,8 +493,6 @@ class Demo:
         epochs = self.size["policy_epochs"]
         stats = {"precision": {}, "recall": {}, "training_tokens": {}, "base_rate": n_key / n_tokens,
                  "oracle_precision": {}, "oracle_recall": {}}
-        scores_dir = {"oracle": "scores", "truth": "scores_truth", "token_rm": "scores_token_rm",
-                      "oracle_x": "scores_x"}
         for method in self.methods:
             spec = METHODS[method]
             if spec["trainer"] == "dpo":
@@ -503,7 +501,7 @@ class Demo:
             if spec["trainer"] != "sepo":  # wmle, wmle_onpolicy, sft_chosen: every chosen token, weighted or not
                 stats["training_tokens"][method] = len(key["chosen"]) * epochs
                 continue
-            ds = dataset(scores_dir[spec["scores"]], spec["k"], spec["selection"], spec["exclude_prefix"])
+            ds = dataset(SCORES_DIRS[spec["scores"]], spec["k"], spec["selection"], spec["exclude_prefix"])
             assert len(ds) == len(base), "every scores dir of a seed holds the same policy pairs"
             precision, recall, picked = quality(ds)
             if spec["k"] < 1.0:
@@ -511,10 +509,10 @@ class Demo:
             # The NLL term reads every chosen token: selected rejected tokens + all chosen tokens.
             nll_tokens = len(key["chosen"]) + int(ds.selected["rejected"].sum())
             stats["training_tokens"][method] = (nll_tokens if spec["nll"] else picked) * epochs
-        scorers = ["oracle"] + [sc for sc in ("token_rm", "oracle_x") if os.path.isdir(self.seed_path(seed, scores_dir[sc]))]
+        scorers = ["oracle"] + [sc for sc in ("token_rm", "oracle_x") if os.path.isdir(self.seed_path(seed, SCORES_DIRS[sc]))]
         for scorer in scorers:
             for k in K_VALUES:
-                precision, recall, _ = quality(dataset(scores_dir[scorer], k, "per_response", False))
+                precision, recall, _ = quality(dataset(SCORES_DIRS[scorer], k, "per_response", False))
                 stats.setdefault(f"{scorer}_precision", {})[str(k)] = precision
                 stats.setdefault(f"{scorer}_recall", {})[str(k)] = recall
         return stats

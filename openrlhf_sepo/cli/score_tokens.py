@@ -44,7 +44,7 @@ from openrlhf_sepo.datasets import DataStrategy
 from openrlhf_sepo.hh import DEFAULT_MARKER, PROMPT_SPLITS, marker_arg, split_prompt
 from openrlhf_sepo.scoring import select_key_tokens, token_scores, tokenizer_fingerprint
 from openrlhf_sepo.token_map import MappingError, map_tokens, response_tokens, special_ids
-from openrlhf_sepo.token_rm import ACTIVATIONS, CONFIG_KEY, load_token_rm, token_rewards
+from openrlhf_sepo.token_rm import checkpoint_settings, load_token_rm, token_rewards
 
 FORMAT_VERSION = 1
 SKIP_REASONS = (
@@ -214,6 +214,13 @@ class RowTokenizer(RewardDataset):
 
     def encode(self, row):
         """-> (prompt_len, chosen_ids, rejected_ids), or (reason, message) for a skipped row."""
+        result = self.tokenize(row)
+        if not isinstance(result[0], str) and result[1] == result[2]:
+            return "identical_responses", "chosen and rejected are identical"
+        return result
+
+    def tokenize(self, row):
+        """``encode`` without its identical-responses check (``RankedListDataset`` tokenizes one response as both)."""
         problem = self._check(row)
         if problem:
             return problem
@@ -233,8 +240,6 @@ class RowTokenizer(RewardDataset):
         shortest = min(len(chosen_ids), len(rejected_ids)) - prompt_len
         if shortest < 2:
             return "prompt_too_long", f"only {shortest} response token(s) left within max_len {self.max_length}"
-        if chosen_ids == rejected_ids:
-            return "identical_responses", "chosen and rejected are identical"
         return prompt_len, chosen_ids, rejected_ids
 
     def _check(self, row):
@@ -375,18 +380,13 @@ def load_tokenizer(args, path, flag):
 
 
 def token_rm_settings(identity):
-    """The {"activation", "aggregation", "tau"} a train_token_rm checkpoint was trained with, from its config.
-
-    load_token_rm makes the same check, but only when it loads the weights; the manifest and the run id need the
-    settings before any model is loaded, so a path that is not a token RM fails here, before anything is written.
-    """
-    settings = identity["config"].get(CONFIG_KEY)
-    if not isinstance(settings, dict) or settings.get("activation") not in ACTIVATIONS:
-        raise SystemExit(
-            f"--token_rm.model_name_or_path {identity['name_or_path']!r} is not a train_token_rm checkpoint: its "
-            f"config.json has no '{CONFIG_KEY}' entry with an activation in {ACTIVATIONS} (got {settings!r})"
-        )
-    return settings
+    """``token_rm.checkpoint_settings`` of the checkpoint behind ``identity`` (``model_identity``), as a SystemExit
+    naming the flag: the manifest and the run id need the settings before any model is loaded, so a path that is not
+    a token RM fails here, before anything is written (``load_token_rm`` checks again when it loads the weights)."""
+    try:
+        return checkpoint_settings(identity["config"], identity["name_or_path"])
+    except ValueError as e:
+        raise SystemExit(f"--token_rm.model_name_or_path {e}") from None
 
 
 def check_compatible(oracle_id, ref_id, oracle_tok, ref_tok):
@@ -602,7 +602,8 @@ def score_shard(rows, first_index, row_tokenizer, scorer, args, device, progress
     records = []
     for batch in make_batches(items, args.score.micro_batch_size, args.score.max_tokens):
         chosen, rejected = score_batch(scorer, batch, row_tokenizer.tokenizer.pad_token_id, device)
-        if len(batch[0]) > 4:  # --policy.tokenizer: scored on the oracle's tokens, written on the policy's
+        # --policy.tokenizer: scored on the oracle's tokens, written on the policy's
+        if isinstance(row_tokenizer, CrossRowTokenizer):
             batch, chosen, rejected = map_to_policy(batch, chosen, rejected)
         add_scores(stats, args.k_perc, chosen, rejected)
         for (index, prompt_len, chosen_ids, rejected_ids), c, r in zip(batch, chosen, rejected):
