@@ -27,7 +27,7 @@ import math
 from typing import Callable, Optional
 
 import openrlhf_sepo  # noqa: F401  (flash-attn kernel placeholder, before anything imports OpenRLHF)
-from openrlhf_sepo.datasets import DataStrategy
+from openrlhf_sepo.rows import DataStrategy
 from openrlhf_sepo.hh import DEFAULT_MARKER, PROMPT_SPLITS, split_prompt
 from openrlhf_sepo.scoring import label_logprobs
 

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from openrlhf.trainer.dpo_trainer import DPOTrainer
 
 from openrlhf_sepo.loss import SePOLoss
+from openrlhf_sepo.openrlhf_internals import DPO_LOSS_FLAGS, add_missing_flags, engine_module, show_step_logs
+from openrlhf_sepo.scoring import label_logprobs
 
 
 class NoReferenceModel:
@@ -64,12 +66,9 @@ class SelectiveDPOTrainer(DPOTrainer):
         save_hf_ckpt: bool = False,
         disable_ds_ckpt: bool = False,
     ) -> None:
-        # DPOTrainer.__init__ builds a DPOLoss from these two DPO-only flags, which train_sepo does not have;
+        # DPOTrainer.__init__ builds a DPOLoss from two DPO-only flags, which train_sepo does not have;
         # neutral values let it do so, and the DPOLoss is replaced right below.
-        model_args = strategy.args.model
-        for name, neutral in (("label_smoothing", 0.0), ("ipo_enable", False)):
-            if not hasattr(model_args, name):
-                setattr(model_args, name, neutral)
+        add_missing_flags(strategy.args.model, DPO_LOSS_FLAGS)
         super().__init__(
             model, NoReferenceModel(), strategy, tokenizer, optim, train_dataloader, eval_dataloader, scheduler,
             max_norm=max_norm, beta=beta, max_epochs=max_epochs, save_hf_ckpt=save_hf_ckpt,
@@ -111,7 +110,8 @@ class SelectiveDPOTrainer(DPOTrainer):
         positions only; unselected entries are 0 and never read by ``SePOLoss``. No NLL term (see the module doc).
 
         Position ids as ``Actor.forward`` builds them; ``hidden_states[-1]`` is the final, normed hidden state that
-        the LM head reads, and ``logits_to_keep=1`` keeps the model from computing the other logits.
+        the LM head reads, and ``logits_to_keep=1`` keeps the model from computing the other logits. The log-probs
+        are ``scoring.label_logprobs`` (fp32, a chunk of positions at a time; autograd flows through it).
         """
         ids, att, _ = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask, key_tokens.prompt_id_lens)
         chosen_sel, rejected_sel, _, _ = self.concatenated_forward(
@@ -122,10 +122,8 @@ class SelectiveDPOTrainer(DPOTrainer):
         position_ids.masked_fill_(att == 0, 1)
         output = model.model(ids, attention_mask=att, position_ids=position_ids, output_hidden_states=True,
                              logits_to_keep=1)
-        lm_head = getattr(model.model, "module", model.model).get_output_embeddings()  # engine.module: the HF model
-        logits = lm_head(output.hidden_states[-1][:, :-1][selected]).float()  # [selected tokens, V]
-        labels = ids[:, 1:][selected].unsqueeze(-1)
-        logps = logits.gather(-1, labels).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        lm_head = engine_module(model.model).get_output_embeddings()  # the HF model's
+        logps = label_logprobs(lm_head(output.hidden_states[-1][:, :-1][selected]), ids[:, 1:][selected])
         full = torch.zeros(selected.shape, dtype=logps.dtype, device=logps.device).masked_scatter(selected, logps)
         aux_loss = output.aux_loss if "aux_loss" in output else []
         return full[: chosen_ids.shape[0]], full[chosen_ids.shape[0] :], aux_loss, 0
@@ -138,6 +136,5 @@ class SelectiveDPOTrainer(DPOTrainer):
 
     def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
         """OpenRLHF's, with the last micro-batch's SePO metrics (mean over ranks) added to its logs."""
-        logs_dict = {**(logs_dict or {}), **self.strategy.all_reduce(dict(self._step_logs))}
-        step_bar.set_postfix(logs_dict)
+        logs_dict = show_step_logs(step_bar, logs_dict, self.strategy.all_reduce(dict(self._step_logs)))
         super().save_logs_and_checkpoints(args, global_step, step_bar, logs_dict, client_states)

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from openrlhf_sepo import evaluation, tiny
+from openrlhf_sepo import evaluation
 from openrlhf_sepo.evaluation import (  # noqa: F401  (re-exported: this module was their home)
     DTYPES,
     DataFlags,
@@ -37,18 +37,9 @@ from openrlhf_sepo.evaluation import (  # noqa: F401  (re-exported: this module 
     win_rate,
 )
 from openrlhf_sepo.hh import PROMPT_SPLITS, marker_arg
+from openrlhf_sepo.tiny import ground_truth_rewards, well_formed  # noqa: F401  (the task's scorers)
 
 GROUND_TRUTH = "ground_truth"
-
-
-def ground_truth_rewards(responses) -> list:
-    """The embedded key-word task's truth, ``openrlhf_sepo.tiny.ground_truth_reward``, per response."""
-    return [tiny.ground_truth_reward(r) for r in responses]
-
-
-def well_formed(responses) -> list:
-    """Per response, ``openrlhf_sepo.tiny.is_well_formed``: does it follow the embedded task's answer template?"""
-    return [tiny.is_well_formed(r) for r in responses]
 
 
 def format_validity(responses) -> float:
