@@ -76,7 +76,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             disable_ds_ckpt=disable_ds_ckpt,
         )
         self.gamma = gamma
-        self.selected_positions_only = not (full_logits or self.nll_loss or self.packing_samples)
+        self.selected_positions_only = not (full_logits or self.packing_samples)
         self.sepo_loss = SePOLoss(beta, gamma)
         self.loss_fn = self._loss
         self._step_logs = {}
@@ -107,17 +107,42 @@ class SelectiveDPOTrainer(DPOTrainer):
         return chosen_sel, rejected_sel, None, None
 
     def _selected_forward(self, model, chosen_ids, c_mask, reject_ids, r_mask, key_tokens):
-        """Policy log-probs [B, T-1] (chosen, rejected) with the LM head and log-softmax run at the selected
-        positions only; unselected entries are 0 and never read by ``SePOLoss``. No NLL term (see the module doc).
-
-        Position ids as ``Actor.forward`` builds them; ``hidden_states[-1]`` is the final, normed hidden state that
-        the LM head reads, and ``logits_to_keep=1`` keeps the model from computing the other logits.
+        """OpenRLHF's ``concatenated_forward`` (its concatenation, split, aux loss and NLL), with its model call
+        replaced by ``_logps_at``: the LM head and log-softmax run only where a log-prob is read, the selected
+        tokens and, with the NLL term on, every chosen response token. Other entries of the per-token log-probs
+        are 0: ``SePOLoss`` reads the selected ones only, and OpenRLHF's NLL the chosen response only.
         """
-        ids, att, _ = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask, key_tokens.prompt_id_lens)
         chosen_sel, rejected_sel, _, _ = self.concatenated_forward(
             self.ref_model, chosen_ids, c_mask, reject_ids, r_mask, key_tokens
         )
         selected = torch.cat([chosen_sel, rejected_sel]).bool()
+        if self.nll_loss:
+            chosen_response = self._response_positions(c_mask, key_tokens.prompt_id_lens, selected.shape[1])
+            selected[: chosen_ids.shape[0]] |= chosen_response
+
+        def forward(ids, attention_mask, **_):  # what concatenated_forward calls as model(ids, attention_mask=...)
+            return self._logps_at(model, ids, attention_mask, selected)
+
+        chosen, rejected, aux_loss, nll = super().concatenated_forward(
+            forward, chosen_ids, c_mask, reject_ids, r_mask, key_tokens.prompt_id_lens
+        )
+        return chosen, rejected, aux_loss, nll if self.nll_loss else 0
+
+    @staticmethod
+    def _response_positions(c_mask, prompt_id_lens, width):
+        """[B, width] bool, log-prob layout: entry t is True iff ids[t+1] is an attended token past the prompt:
+        the tokens whose mean log-prob is OpenRLHF's NLL (``_get_batch_logps``' mask; tested against it)."""
+        attended = F.pad(c_mask, (0, width + 1 - c_mask.shape[1]))[:, 1:].bool()
+        predicted = torch.arange(1, width + 1, device=c_mask.device)  # index of the token each position predicts
+        return attended & (predicted >= torch.as_tensor(prompt_id_lens, device=c_mask.device).unsqueeze(1))
+
+    def _logps_at(self, model, ids, att, selected):
+        """(log-probs [B, T-1], the model's output) with the LM head and log-softmax run at ``selected`` only, the
+        other entries 0.
+
+        Position ids as ``Actor.forward`` builds them; ``hidden_states[-1]`` is the final, normed hidden state that
+        the LM head reads, and ``logits_to_keep=1`` keeps the model from computing the other logits.
+        """
         position_ids = att.long().cumsum(-1) - 1
         position_ids.masked_fill_(att == 0, 1)
         output = model.model(ids, attention_mask=att, position_ids=position_ids, output_hidden_states=True,
@@ -127,8 +152,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         labels = ids[:, 1:][selected].unsqueeze(-1)
         logps = logits.gather(-1, labels).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         full = torch.zeros(selected.shape, dtype=logps.dtype, device=logps.device).masked_scatter(selected, logps)
-        aux_loss = output.aux_loss if "aux_loss" in output else []
-        return full[: chosen_ids.shape[0]], full[chosen_ids.shape[0] :], aux_loss, 0
+        return full, output
 
     def _get_batch_logps(self, per_token_logps, attention_mask, prompt_id_lens):
         """(per-token log-probs [B, T-1], mean over response tokens [B]): the per-token tensor in the sum's place,
