@@ -32,6 +32,30 @@ from openrlhf.trainer.dpo_trainer import DPOTrainer
 from openrlhf_sepo.loss import SePOLoss
 
 
+class LabelLogProbs(torch.autograd.Function):
+    """``log p(label) = z[label] - logsumexp(z)`` for logits rows z [N, V] upcast to fp32, labels [N] -> [N] fp32.
+
+    Autograd's own graph of that expression keeps the fp32 logits and builds about four more [N, V] tensors in
+    backward (gather's zero-filled gradient, logsumexp's difference, exp and product, their sum); this backward
+    builds one, ``grad * (onehot(label) - softmax(z))``, which is the same gradient. Backward runs once per graph.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        z = logits.float()
+        lse = torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(z, lse, labels)
+        ctx.logits_dtype = logits.dtype
+        return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, lse, labels = ctx.saved_tensors
+        grad_z = (z - lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
+        grad_z.scatter_add_(-1, labels.unsqueeze(-1), grad.unsqueeze(-1))
+        return grad_z.to(ctx.logits_dtype), None
+
+
 class NoReferenceModel:
     """Fills ``DPOTrainer``'s ``ref_model`` slot. No weights, no forward: ``fit`` only calls ``eval()`` on it,
     and ``SelectiveDPOTrainer.concatenated_forward`` answers for it with the batch's selection masks."""
@@ -148,9 +172,8 @@ class SelectiveDPOTrainer(DPOTrainer):
         output = model.model(ids, attention_mask=att, position_ids=position_ids, output_hidden_states=True,
                              logits_to_keep=1)
         lm_head = getattr(model.model, "module", model.model).get_output_embeddings()  # engine.module: the HF model
-        logits = lm_head(output.hidden_states[-1][:, :-1][selected]).float()  # [selected tokens, V]
-        labels = ids[:, 1:][selected].unsqueeze(-1)
-        logps = logits.gather(-1, labels).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        logits = lm_head(output.hidden_states[-1][:, :-1][selected])  # [selected tokens, V]
+        logps = LabelLogProbs.apply(logits, ids[:, 1:][selected])
         full = torch.zeros(selected.shape, dtype=logps.dtype, device=logps.device).masked_scatter(selected, logps)
         return full, output
 

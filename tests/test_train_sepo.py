@@ -282,3 +282,27 @@ def test_selected_positions_forward_equals_openrlhf_full_forward(tiny_dir, tiny_
         assert torch.equal(positions[:n], nll_mask.bool())
     else:
         assert torch.equal(positions[:n], c_mask.bool())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_logprobs_backward_equals_autograd(dtype):
+    """LabelLogProbs (the selected-positions forward's log-softmax, with its one-buffer backward) gives autograd's
+    log-probs and logits gradient for log_softmax(z.float()).gather(label)."""
+    from openrlhf_sepo.trainer import LabelLogProbs
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 501, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, 501, (37,), generator=g)
+    upstream = torch.randn(37, generator=g)
+    results = []
+    for fn in (LabelLogProbs.apply,
+               lambda z, y: torch.log_softmax(z.float(), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)):
+        z = logits.clone().requires_grad_()
+        out = fn(z, labels)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), z.grad))
+    (out, grad), (out_ref, grad_ref) = results
+    assert out.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)  # bf16: one rounding
+    torch.testing.assert_close(grad, grad_ref, **tol)
