@@ -15,12 +15,17 @@ keeps both loops unchanged and makes their hooks SePO's:
 - loss: ``loss_fn`` is ``SePOLoss(policy_chosen, policy_rejected, chosen_mask, rejected_mask)``, whose argument
   order matches DPOLoss's with the masks in the reference slots. Its rewards are ``beta * u``, so fit's ``acc``
   is ``u_w > u_l``.
-- selected positions only (default): SePO reads the policy's log-probs at the selected tokens alone, so the
-  policy forward asks the model (through the DeepSpeed engine, as ``Actor.forward`` does) for its final hidden
-  states and the logits of one position, and runs the LM head and log-softmax on the selected positions only:
-  about 70% of the LM head and log-softmax work is never done. ``--sepo.full_logits`` keeps OpenRLHF's
-  ``Actor.forward`` (full logits); so do ``--model.nll_loss_coef`` (its NLL reads every chosen token) and
-  ``--ds.packing_samples``. Both paths give the same log-probs at the selected positions (tested).
+- read positions only (default): SePO reads the policy's log-probs at the selected tokens alone, and OpenRLHF's
+  NLL term (on by default in train_sepo) reads every chosen response token. So the policy forward is OpenRLHF's own
+  ``concatenated_forward`` (its NLL definition and its aux loss unchanged) with the model call swapped for one that
+  asks the model (through the DeepSpeed engine, as ``Actor.forward`` does) for its final hidden states and the logits
+  of one position, then runs the LM head and log-softmax only there: the selected tokens of both sides, plus the
+  chosen response when the NLL term is on; never the prompt, the padding or the unselected rejected tokens. At
+  k = 0.3 on both sides that is 30% of the response positions without the NLL term, (1 + 0.3) / 2 = 65% with it,
+  and no prompt position. The log-softmax's backward (``LabelLogProbs``) builds one logits-sized
+  buffer where autograd's builds about four. ``--sepo.full_logits`` keeps OpenRLHF's ``Actor.forward`` (full
+  logits); so does ``--ds.packing_samples``. Both paths give the same log-probs at the selected positions, the same
+  NLL, loss and gradients (tested, fp32 and bf16).
 - logs: ``save_logs_and_checkpoints`` adds the selected-token mean log-probs, their margin and the fraction of
   response tokens selected to OpenRLHF's logs (loss, acc, chosen/reject_reward, lr, grad_norm, nll_loss).
 """

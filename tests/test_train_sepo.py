@@ -89,7 +89,8 @@ def test_two_rank_launcher_run_raises_selected_margin(tiny_dir, tiny_pairs, trai
 
     logs = tb_scalars(trained.tb)
     for metric in ("loss", "acc", "chosen_reward", "reject_reward", "chosen_logps", "rejected_logps", "margin",
-                   "selected_frac", "lr", "grad_norm", "loss_mean", "acc_mean"):
+                   "selected_frac", "lr", "grad_norm", "loss_mean", "acc_mean",
+                   "nll_loss"):  # the default NLL term, on the selected-positions forward
         values = logs[f"train/{metric}"]
         assert [step for step, _ in values] == [1, 2, 3, 4, 5, 6], metric
         assert all(torch.isfinite(torch.tensor(v)) for _, v in values), metric
