@@ -8,7 +8,8 @@ Public pieces (imported lazily, so ``import openrlhf_sepo`` stays cheap):
 - ``select_key_tokens``    the per-response top-k / bottom-k rule (``scoring.py``)
 - ``RankedListDataset``, ``TokenRewardModelTrainer``   a token-level reward model learned from ranked lists with
   ListMLE (``token_rm_data.py``, ``token_rm_trainer.py``; formulas in ``token_rm.py``)
-- ``WeightedSFTDataset``, ``WeightedMLETrainer``       reward-weighted MLE on token rewards (``wmle.py``)
+- ``WeightedSFTDataset``, ``WeightedMLETrainer``       reward-weighted MLE on token rewards (``wmle_data.py``,
+  ``wmle_trainer.py``; the weights in ``wmle.py``)
 - ``TKPOLoss``, ``CounterfactualSFTDataset``, ``TKPOTrainer``   TKPO for controllable generation (``tkpo.py``,
   ``tkpo_data.py``, ``tkpo_trainer.py``)
 """
@@ -27,8 +28,8 @@ _LAZY = {
     "select_key_tokens": "openrlhf_sepo.scoring",
     "RankedListDataset": "openrlhf_sepo.token_rm_data",
     "TokenRewardModelTrainer": "openrlhf_sepo.token_rm_trainer",
-    "WeightedSFTDataset": "openrlhf_sepo.wmle",
-    "WeightedMLETrainer": "openrlhf_sepo.wmle",
+    "WeightedSFTDataset": "openrlhf_sepo.wmle_data",
+    "WeightedMLETrainer": "openrlhf_sepo.wmle_trainer",
     "TKPOLoss": "openrlhf_sepo.tkpo",
     "CounterfactualSFTDataset": "openrlhf_sepo.tkpo_data",
     "TKPOTrainer": "openrlhf_sepo.tkpo_trainer",

@@ -1,50 +1,23 @@
 """``score_tokens`` output -> OpenRLHF DPO batches with key-token selection masks (SePO step 4, at load time).
 
-A scores dir holds ``data/*.parquet`` (columns ``index``, ``prompt_len``, ``chosen_input_ids``,
-``rejected_input_ids``, ``chosen_scores``, ``rejected_scores``; score j belongs to the token at absolute
-position ``prompt_len + j``) and ``manifest.json`` (``tokenizer.name_or_path``, ``tokenizer.fingerprint``,
-``data.max_len``, ``complete``). The ids are exactly those OpenRLHF's ``RewardDataset(is_dpo=True)`` made at
-scoring time, so training reads them as they are and never re-tokenizes.
+The scores dirs are read, checked and concatenated by ``scores_dir.load`` (the format's one owner: score j of a
+side belongs to the token at absolute position ``prompt_len + j``). The ids are exactly those OpenRLHF's
+``RewardDataset(is_dpo=True)`` made at scoring time, so training reads them as they are and never re-tokenizes;
+``TokenScoreDataset`` adds the key-token selection. ``DataStrategy``, ``ScoreDataError`` and ``read_manifest`` are
+re-exported from their homes (``rows``, ``scores_dir``) for the imports that name them here.
 """
 
-import json
-import os
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from openrlhf_sepo.scoring import num_selected, select_key_tokens, tokenizer_fingerprint
+from openrlhf_sepo.rows import DataStrategy  # noqa: F401  (re-exported: its documented home before rows.py)
+from openrlhf_sepo.scores_dir import ScoreDataError, list_column, load, padded_chunks, read_manifest  # noqa: F401
+from openrlhf_sepo.scoring import num_selected, select_key_tokens
 
 SELECTION_MODES = ("per_response", "global", "random")
-REQUIRED_COLUMNS = ("prompt_len", "chosen_input_ids", "rejected_input_ids", "chosen_scores", "rejected_scores")
-_ROWS_PER_CHUNK = 512  # per_response selection pads this many rows at a time (bounded memory)
-
-
-class DataStrategy:
-    """The slice of OpenRLHF's ``DeepspeedStrategy`` that its ``blending_datasets`` and ``RewardDataset`` read:
-    ``args.data`` (the ``--data.*`` flags), ``args.use_ms``, ``print`` and ``is_rank_0``.
-
-    Scoring and evaluation tokenize exactly as ``train_dpo`` does, through those OpenRLHF pieces, without building
-    a DeepSpeed engine. Prints on ``rank`` 0; ``quiet`` prints nothing (there ``is_rank_0`` only gates prints).
-    """
-
-    def __init__(self, data, rank: int = 0, quiet: bool = False):
-        self.args = SimpleNamespace(data=data, use_ms=False)
-        self.rank, self.quiet = rank, quiet
-
-    def is_rank_0(self):
-        return self.rank == 0 and not self.quiet
-
-    def print(self, *msg):
-        if self.is_rank_0():
-            print(*msg, flush=True)
-
-
-class ScoreDataError(ValueError):
-    """Bad scores dir, manifest, row, or selection setting; raised before any training step."""
 
 
 class KeyTokens(NamedTuple):
@@ -59,65 +32,10 @@ class KeyTokens(NamedTuple):
     rejected_mask: torch.Tensor
 
 
-def read_manifest(score_dir: str) -> dict:
-    """The manifest of one finished ``score_tokens`` output dir, or a ``ScoreDataError`` saying what is wrong."""
-    if not os.path.isdir(score_dir):
-        raise ScoreDataError(f"scores dir {score_dir!r} does not exist (expected a score_tokens output dir)")
-    path = os.path.join(score_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise ScoreDataError(f"{score_dir!r} has no manifest.json: not a score_tokens output dir")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        fingerprint = manifest["tokenizer"]["fingerprint"]
-        manifest["data"]["max_len"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ScoreDataError(f"{path} is not a valid scores manifest ({type(e).__name__}: {e})") from None
-    if manifest.get("complete") is not True:
-        raise ScoreDataError(f"{path}: scoring did not complete ('complete' is not true); re-run score_tokens")
-    if not fingerprint:
-        raise ScoreDataError(f"{path}: empty tokenizer fingerprint")
-    return manifest
-
-
-def open_scores(score_dir: str, tokenizer, columns, max_samples: int = 100000000):
-    """(manifest, rows) of one finished scores dir for training with ``tokenizer``: the first ``max_samples`` rows as
-    an HF dataset. ``ScoreDataError`` if the scores were made with another tokenizer (manifest fingerprint: the scored
-    ids would not be the trained ids), the parquet is missing, or it lacks one of ``columns``."""
-    import datasets as hf_datasets
-
-    manifest = read_manifest(score_dir)
-    expected = tokenizer_fingerprint(tokenizer)
-    if manifest["tokenizer"]["fingerprint"] != expected:
-        raise ScoreDataError(
-            f"{score_dir!r} was scored with tokenizer {manifest['tokenizer'].get('name_or_path')!r} "
-            f"(fingerprint {manifest['tokenizer']['fingerprint']}), but training uses "
-            f"{getattr(tokenizer, 'name_or_path', '?')!r} (fingerprint {expected}): the scored ids would "
-            "not be the trained ids. Re-score with the policy's tokenizer."
-        )
-    data_dir = os.path.join(score_dir, "data")
-    if not os.path.isdir(data_dir) or not any(f.endswith(".parquet") for f in os.listdir(data_dir)):
-        raise ScoreDataError(f"{score_dir!r} has no data/*.parquet")
-    part = hf_datasets.load_dataset("parquet", data_dir=data_dir, split="train")
-    missing = [c for c in columns if c not in part.column_names]
-    if missing:
-        raise ScoreDataError(f"{score_dir!r}: parquet lacks columns {missing}")
-    return manifest, part.select(range(min(max_samples, len(part))))
-
-
-def _list_column(table, name):
-    """(flat numpy values, per-row lengths) of a list column of a pyarrow table."""
-    import pyarrow.compute as pc
-
-    column = table.column(name).combine_chunks()
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
-    return column.flatten().to_numpy(zero_copy_only=False), lengths
-
-
 def common_prefix_lengths(chosen_flat, chosen_lens, rejected_flat, rejected_lens, prompt_len):
     """P per row: the number of leading response tokens (ids after ``prompt_len``) equal in chosen and rejected.
 
-    Flat ids with per-row lengths (as ``_list_column`` gives them); vectorised, no loop over rows or tokens.
+    Flat ids with per-row lengths (as ``scores_dir.list_column`` gives them); vectorised, no loop over rows or tokens.
     """
     chosen_lens, rejected_lens = np.asarray(chosen_lens), np.asarray(rejected_lens)
     prompt_len = np.asarray(prompt_len, dtype=np.int64)
@@ -132,11 +50,6 @@ def common_prefix_lengths(chosen_flat, chosen_lens, rejected_flat, rejected_lens
     first = np.flatnonzero(np.diff(differ_rows, prepend=-1))  # rows are sorted: each row's first difference
     prefix[differ_rows[first]] = differ_j[first]
     return prefix
-
-
-def _first_rows(bad, indices, limit=5):
-    rows = np.flatnonzero(bad)[:limit]
-    return ", ".join(f"row {r} (index={indices[r]})" for r in rows) + (" ..." if bad.sum() > limit else "")
 
 
 class TokenScoreDataset(Dataset):
@@ -188,8 +101,6 @@ class TokenScoreDataset(Dataset):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        import datasets as hf_datasets
-
         if selection not in SELECTION_MODES:
             raise ScoreDataError(f"selection must be one of {SELECTION_MODES}, got {selection!r}")
         for name, k in (("k_chosen", k_chosen), ("k_rejected", k_rejected)):
@@ -202,30 +113,21 @@ class TokenScoreDataset(Dataset):
         self.exclude_common_prefix, self.seed = exclude_common_prefix, seed
         log = strategy.print if strategy is not None else print
 
-        parts, prompt_lens, prefixes, scores = [], [], [], {"chosen": ([], []), "rejected": ([], [])}
-        for score_dir in [d.strip() for d in dataset.split(",") if d.strip()]:
-            manifest, part = open_scores(score_dir, tokenizer, REQUIRED_COLUMNS, max_samples)
-            table = part.with_format("arrow")[:]
-            self._check_rows(score_dir, manifest, table, prompt_lens, scores)
-            prefixes.append(common_prefix_lengths(*_list_column(table, "chosen_input_ids"),
-                                                  *_list_column(table, "rejected_input_ids"), prompt_lens[-1]))
-            parts.append(part)
-            log(f"TokenScoreDataset: {len(part)} pairs from {score_dir}")
-        if not parts:
-            raise ScoreDataError(f"no scores dir given (dataset={dataset!r})")
-
-        total = min(max_samples, sum(len(p) for p in parts))
-        self.data = hf_datasets.concatenate_datasets(parts).select(range(total))
-        self.prompt_lens = np.concatenate(prompt_lens)[:total]
+        scores = load(dataset, tokenizer, max_length, max_samples=max_samples, log=log,
+                      describe="TokenScoreDataset: {n} pairs from {score_dir}")
+        self.data, self.prompt_lens = scores.data, scores.prompt_lens
+        total = len(self.data)
+        prefixes = [common_prefix_lengths(*list_column(part.table, "chosen_input_ids"),
+                                          *list_column(part.table, "rejected_input_ids"), part.prompt_len)
+                    for part in scores.parts]
         self.common_prefix = np.concatenate(prefixes)[:total]  # P per pair, whether excluded or not
         # Flat per-token selection for each side, with row offsets: one byte per scored token.
         self.selected, self.offsets = {}, {}
         generator = torch.Generator().manual_seed(seed)
         excluded_total = 0
         for side, k, largest in (("chosen", k_chosen, True), ("rejected", k_rejected, False)):
-            values = np.concatenate(scores[side][0])
-            lengths = np.concatenate(scores[side][1])[:total]
-            values = torch.from_numpy(values[: lengths.sum()])
+            values, lengths = scores.scores[side]
+            values = torch.from_numpy(values)
             # first eligible response position per row: min(P, N - 1), or 0 when nothing is excluded
             excluded = np.minimum(self.common_prefix, lengths - 1) if exclude_common_prefix else np.zeros_like(lengths)
             excluded_total += int(excluded.sum())
@@ -246,56 +148,22 @@ class TokenScoreDataset(Dataset):
                 f"({2 * int(self.common_prefix.sum())} tokens, both sides), kept selectable")
         log(f"TokenScoreDataset: {total} pairs, {selection} selection keeps {kept}/{scored} response tokens")
 
-    def _check_rows(self, score_dir, manifest, table, prompt_lens, scores):
-        """Reject rows whose ids, prompt length and scores do not fit together, naming them."""
-        indices = table.column("index").to_numpy() if "index" in table.column_names else np.arange(table.num_rows)
-        prompt_len = table.column("prompt_len").to_numpy().astype(np.int64)
-        problems = [(prompt_len < 1, "has prompt_len < 1: its first response token has no log-prob to train")]
-        for side in ("chosen", "rejected"):
-            _, n_ids = _list_column(table, f"{side}_input_ids")
-            values, n_scores = _list_column(table, f"{side}_scores")
-            values = values.astype(np.float64)
-            finite = np.isfinite(values)
-            bad_values = np.zeros(table.num_rows, dtype=bool)
-            bad_values[np.repeat(np.arange(table.num_rows), n_scores)[~finite]] = True
-            problems += [
-                (n_scores != n_ids - prompt_len, f"has len({side}_scores) != len({side}_input_ids) - prompt_len"),
-                (n_scores < 1, f"has an empty {side} response"),
-                (bad_values, f"has NaN or infinite {side}_scores"),
-                (
-                    n_ids > self.max_length,
-                    f"has {side} ids longer than --data.max_len {self.max_length} (scored with max_len "
-                    f"{manifest['data']['max_len']}): raise --data.max_len or re-score with a smaller one",
-                ),
-            ]
-            scores[side][0].append(values)
-            scores[side][1].append(n_scores)
-        for bad, what in problems:
-            if bad.any():
-                raise ScoreDataError(f"{score_dir!r}: {int(bad.sum())} row(s) {what}: {_first_rows(bad, indices)}")
-        prompt_lens.append(prompt_len)
-
     def _select(self, values, lengths, excluded, k, largest, log):
         """Flat bool selection over all responses of one side (see the class docstring for the modes).
 
         ``values``: flat scores (random keys for ``random``); ``lengths``: N per row; ``excluded``: per row, the
         number of leading response tokens that are ineligible (0 <= excluded < N).
         """
+        if self.selection in ("per_response", "random"):
+            selected = torch.zeros(len(values), dtype=torch.bool)
+            for chunk in padded_chunks(values, lengths):
+                eligible = torch.arange(chunk.padded.shape[1]).unsqueeze(0) >= excluded[chunk.rows].unsqueeze(1)
+                mask = select_key_tokens(chunk.padded, k, largest, lengths[chunk.rows], eligible)
+                selected[chunk.tokens] = mask[chunk.at]
+            return selected.numpy()
         rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
         starts = torch.cumsum(lengths, 0) - lengths
         positions = torch.arange(len(values)) - starts[rows]
-        if self.selection in ("per_response", "random"):
-            selected = torch.zeros(len(values), dtype=torch.bool)
-            for first in range(0, len(lengths), _ROWS_PER_CHUNK):
-                last = min(first + _ROWS_PER_CHUNK, len(lengths))
-                lo, hi = int(starts[first]), int(starts[last - 1] + lengths[last - 1])
-                width = int(lengths[first:last].max())
-                padded = torch.zeros(last - first, width, dtype=values.dtype)
-                padded[rows[lo:hi] - first, positions[lo:hi]] = values[lo:hi]
-                eligible = torch.arange(width).unsqueeze(0) >= excluded[first:last].unsqueeze(1)
-                mask = select_key_tokens(padded, k, largest, lengths[first:last], eligible)
-                selected[lo:hi] = mask[rows[lo:hi] - first, positions[lo:hi]]
-            return selected.numpy()
         # global: rank every eligible token of this side by score (stable: ties keep row, position order); the
         # scores are finite (checked), so the ineligible tokens' infinite keys sort after all of them.
         eligible = positions >= excluded[rows]

@@ -7,7 +7,8 @@
 - The *key-word task*: prompts ask for a short note on a topic; every response is filler plus a closing
   span of *good* or *bad* key words. The tokens that decide a preference are known exactly
   (``key_token_mask``, ``key_token_signs``), ``ground_truth_reward(text)`` scores any generated response and ``parse_answer`` /
-  ``is_well_formed`` check that it follows the answer template. Three pair variants (``TASK_VARIANTS``):
+  ``is_well_formed`` check that it follows the answer template (``ground_truth_rewards`` / ``well_formed``: the
+  same per response, the task's scorers for ``evaluation.evaluate_models``). Three pair variants (``TASK_VARIANTS``):
   ``independent`` (the default: chosen and rejected draw their own filler and length, as real pairs do),
   ``shared`` (both share every token but the key words: the adversarial case for token selection) and
   ``mixed`` (independent, but chosen holds one bad key word and rejected one good one), each optionally with
@@ -89,11 +90,17 @@ def key_token_signs(pieces) -> list:
     word's sign when its characters, its leading space aside, overlap that word. Exact even when BPE splits a key
     word; a token overlapping both a good and a bad word (never seen with this tokenizer) counts as bad.
     """
+    return _token_signs(pieces, _KEY_WORD, lambda word: 1 if word in GOOD_WORDS else -1)
+
+
+def _token_signs(pieces, words, sign_of) -> list:
+    """Per piece, ``sign_of(word)`` of the match of the regex ``words`` its characters (leading "\u2581" aside)
+    overlap in the text the pieces join back into, the smallest when several do, 0 when none does."""
     starts, text = [], ""
     for piece in pieces:
         starts.append(len(text))
         text += piece.replace("\u2581", " ")
-    spans = [(m.span(), 1 if m.group(0) in GOOD_WORDS else -1) for m in _KEY_WORD.finditer(text)]
+    spans = [(m.span(), sign_of(m.group(0))) for m in words.finditer(text)]
     signs = []
     for start, piece in zip(starts, pieces):
         lo = start + (1 if piece.startswith("\u2581") else 0)
@@ -182,20 +189,37 @@ def parse_answer(text: str):
     <k4>.``, with one or more filler words from ``FILLER`` and exactly ``N_SLOTS`` key words from ``GOOD_WORDS``
     or ``BAD_WORDS``; surrounding whitespace is ignored. Returns ``{"topic", "filler": [...], "key_words": [...]}``.
     """
+    parts = _parse_template(text, lambda w: w in GOOD_WORDS or w in BAD_WORDS)
+    return None if parts is None else dict(zip(("topic", "filler", "key_words"), parts))
+
+
+def _parse_template(text: str, is_slot_word):
+    """(topic, filler words, slot words) of an answer that follows the template with ``N_SLOTS`` slot words, each
+    accepted by ``is_slot_word``, and filler words from ``FILLER``; else None."""
     match = _ANSWER.fullmatch(text.strip())
     if match is None:
         return None
-    topic, filler, key_words = match.group(1), match.group(2).split(), match.group(3).split()
-    if len(key_words) != N_SLOTS or not all(w in GOOD_WORDS or w in BAD_WORDS for w in key_words):
+    topic, filler, slot_words = match.group(1), match.group(2).split(), match.group(3).split()
+    if len(slot_words) != N_SLOTS or not all(is_slot_word(w) for w in slot_words):
         return None
     if not all(w in FILLER for w in filler):
         return None
-    return {"topic": topic, "filler": filler, "key_words": key_words}
+    return topic, filler, slot_words
 
 
 def is_well_formed(text: str) -> bool:
     """True iff ``parse_answer(text)`` parses: the answer follows the template (format validity)."""
     return parse_answer(text) is not None
+
+
+def ground_truth_rewards(responses) -> list:
+    """``ground_truth_reward`` per response: the task's ``reward_fn`` for ``evaluation.evaluate_models``."""
+    return [ground_truth_reward(r) for r in responses]
+
+
+def well_formed(responses) -> list:
+    """``is_well_formed`` per response: the task's ``format_fn`` for ``evaluation.evaluate_models``."""
+    return [is_well_formed(r) for r in responses]
 
 
 def make_prompts(n: int, seed: int = 0, split: str = "test"):
@@ -316,18 +340,7 @@ def style_token_signs(pieces, style: str) -> list:
     it is exact when BPE splits a word; a token overlapping words of both signs counts as -1.
     """
     _check_style(style)
-    starts, text = [], ""
-    for piece in pieces:
-        starts.append(len(text))
-        text += piece.replace("\u2581", " ")
-    spans = [(m.span(), 1 if _STYLE_OF[m.group(0)] == style else -1) for m in _STYLE_WORD.finditer(text)]
-    signs = []
-    for start, piece in zip(starts, pieces):
-        lo = start + (1 if piece.startswith("\u2581") else 0)
-        hi = start + len(piece)
-        hits = [sign for (a, b), sign in spans if lo < b and a < hi]
-        signs.append(min(hits) if hits else 0)
-    return signs
+    return _token_signs(pieces, _STYLE_WORD, lambda word: 1 if _STYLE_OF[word] == style else -1)
 
 
 def style_adherence(text: str, style: str) -> float:
@@ -344,15 +357,8 @@ def parse_style_answer(text: str):
     """The parts of a style-task answer, else None: ``The <topic> is <filler>. My note is <s1> <s2> <s3> <s4>.``
     with filler words from ``FILLER`` and exactly ``N_SLOTS`` slot words, each from some style's word set (not
     necessarily the same one). Returns ``{"topic", "filler": [...], "style_words": [...]}``."""
-    match = _ANSWER.fullmatch(text.strip())
-    if match is None:
-        return None
-    topic, filler, style_words = match.group(1), match.group(2).split(), match.group(3).split()
-    if len(style_words) != N_SLOTS or not all(w in _STYLE_OF for w in style_words):
-        return None
-    if not all(w in FILLER for w in filler):
-        return None
-    return {"topic": topic, "filler": filler, "style_words": style_words}
+    parts = _parse_template(text, lambda w: w in _STYLE_OF)
+    return None if parts is None else dict(zip(("topic", "filler", "style_words"), parts))
 
 
 def is_well_formed_style(text: str) -> bool:

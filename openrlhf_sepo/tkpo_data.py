@@ -7,17 +7,19 @@ swapped: from a column (``--tkpo.counterfactual_key``), or made from an attribut
 ``swap_map[attribute]``).
 
 Both sequences are tokenized exactly as OpenRLHF's ``SFTDataset`` tokenizes an SFT row (one row at a time through
-its own ``process_data`` / ``__getitem__``); the response must come out as the same ids at the end of both, so that
+its own ``process_data`` / ``__getitem__``: ``rows.SFTRowTokenizer``); the response must come out as the same ids at the end of both, so that
 position t of the response is aligned by its offset (the prompts may tokenize to different lengths).
 """
 
 import json
 import os
-from collections import Counter
 
 import torch
-from openrlhf.datasets import SFTDataset
+from openrlhf.utils.utils import zero_pad_sequences
 from torch.utils.data import Dataset
+
+from openrlhf_sepo.rows import SFTRowTokenizer
+from openrlhf_sepo.skips import Skip, SkipCounter
 
 SKIPS = (
     "missing_key",  # the prompt, response, attribute or counterfactual column absent or null
@@ -48,26 +50,6 @@ def load_swap_map(spec: str) -> dict:
     return swap
 
 
-class SFTRowTokenizer(SFTDataset):
-    """OpenRLHF's ``SFTDataset``, one row at a time (as ``score_tokens.RowTokenizer`` is ``RewardDataset``'s): its own
-    ``process_data`` and ``__getitem__`` make the ids, so they are exactly ``train_sft``'s."""
-
-    def __init__(self, tokenizer, max_length, strategy):
-        from openrlhf_sepo.cli.score_tokens import _NoRows
-
-        super().__init__(_NoRows(), tokenizer, max_length, strategy, input_template=strategy.args.data.input_template,
-                         num_processors=1)
-
-    def encode(self, row):
-        """-> (ids [1, L], attention [1, L], loss_mask [1, L], prompt length), or None for a prompt too long."""
-        out = self.process_data(dict(row))
-        if out["prompt"] is None:
-            return None
-        self.prompts, self.responses, self.prompt_ids_lens = [out["prompt"]], [out["response"]], [out["prompt_ids_len"]]
-        ids, att, loss_mask = self[0]
-        return ids, att, loss_mask, out["prompt_ids_len"]
-
-
 class CounterfactualSFTDataset(Dataset):
     """(x, y) and (x', y) for TKPO, tokenized as OpenRLHF's ``SFTDataset``.
 
@@ -76,7 +58,8 @@ class CounterfactualSFTDataset(Dataset):
         tokenizer, max_length, strategy: as ``SFTDataset`` (``strategy.args.data``: input/output keys, templates).
         counterfactual_key: the column holding x'; or, when None, ``attribute_key`` and ``swap_map`` make x'.
 
-    Skips (counted in ``skipped``, first rows in ``skip_examples``, printed): ``SKIPS``.
+    Skips (a ``skips.SkipCounter`` in ``skips``: counted in ``skipped``, first rows in ``skip_examples``, printed):
+    ``SKIPS``.
     Item: ``(ids [1, L], attention [1, L], loss_mask [1, L], cf_ids [1, L'], cf_attention [1, L'])``; the loss mask is
     SFTDataset's (entry t is 1 iff token t + 1 is a response token). Batch (``collate_fn``): ``(inputs [B, 2, T],
     attention [B, 2, T], loss_mask [B, 1, T])``, row 0 of dim 1 the sequence (x, y), row 1 (x', y), right-padded:
@@ -98,21 +81,18 @@ class CounterfactualSFTDataset(Dataset):
                                           "--tkpo.attribute_key")
 
         one = SFTRowTokenizer(tokenizer, max_length, strategy)
-        self.items, self.skipped, self.skip_examples = [], Counter(), {}
+        self.items, self.skips = [], SkipCounter(kept=SKIP_EXAMPLES_KEPT)
         for index, row in enumerate(dataset):
             result = self._encode(one, row, counterfactual_key, attribute_key, swap_map)
-            if isinstance(result[0], str):
-                reason, message = result
-                self.skipped[reason] += 1
-                examples = self.skip_examples.setdefault(reason, [])
-                if len(examples) < SKIP_EXAMPLES_KEPT:
-                    examples.append(f"row {index}: {message}")
-                continue
-            self.items.append(result)
+            if isinstance(result, Skip):
+                self.skips.add(index, result)
+            else:
+                self.items.append(result)
+        self.skipped, self.skip_examples = self.skips.counts, self.skips.labelled_examples()
         strategy.print(f"CounterfactualSFTDataset ({name}): {len(self.items)} of {len(dataset)} rows kept; skipped "
                        f"{dict(self.skipped) or 'none'}")
-        for reason, examples in self.skip_examples.items():
-            strategy.print(f"  skipped {self.skipped[reason]} ({reason}), e.g. {examples[0]}")
+        for line in self.skips.report():
+            strategy.print(line)
         if not self.items:
             raise CounterfactualDataError(f"{name}: no usable row (skipped by reason: {dict(self.skipped)})")
 
@@ -120,36 +100,36 @@ class CounterfactualSFTDataset(Dataset):
         prompt, response = row.get(self.input_key), row.get(self.output_key)
         for key, value in ((self.input_key, prompt), (self.output_key, response)):
             if value is None:
-                return "missing_key", f"{key!r} is missing or null"
+                return Skip("missing_key", f"{key!r} is missing or null")
         text = response if isinstance(response, str) else (response[-1].get("content", "") if response else "")
         if not str(text).strip():
-            return "empty_response", f"{self.output_key!r} is empty"
+            return Skip("empty_response", f"{self.output_key!r} is empty")
         if counterfactual_key:
             cf_prompt = row.get(counterfactual_key)
             if cf_prompt is None:
-                return "missing_key", f"{counterfactual_key!r} is missing or null"
+                return Skip("missing_key", f"{counterfactual_key!r} is missing or null")
         else:
             attribute = row.get(attribute_key)
             if attribute is None:
-                return "missing_key", f"{attribute_key!r} is missing or null"
+                return Skip("missing_key", f"{attribute_key!r} is missing or null")
             if attribute not in swap_map:
-                return "attribute_not_in_swap_map", f"attribute {attribute!r} has no entry in --tkpo.swap_map"
+                return Skip("attribute_not_in_swap_map", f"attribute {attribute!r} has no entry in --tkpo.swap_map")
             if not isinstance(prompt, str) or attribute not in prompt:
-                return "attribute_not_in_prompt", f"attribute {attribute!r} does not occur in the prompt"
+                return Skip("attribute_not_in_prompt", f"attribute {attribute!r} does not occur in the prompt")
             cf_prompt = prompt.replace(attribute, swap_map[attribute], 1)
         if cf_prompt == prompt:
-            return "identical_counterfactual", "the counterfactual prompt equals the prompt"
+            return Skip("identical_counterfactual", "the counterfactual prompt equals the prompt")
         gold = one.encode(row)
         cf = one.encode({**row, self.input_key: cf_prompt})
         if gold is None or cf is None:
-            return "prompt_too_long", f"a prompt leaves < 2 response tokens within max_len {self.max_length}"
+            return Skip("prompt_too_long", f"a prompt leaves < 2 response tokens within max_len {self.max_length}")
         ids, att, loss_mask, prompt_len = gold
         cf_ids, cf_att, _, cf_prompt_len = cf
         n = ids.shape[1] - prompt_len
         if n < 2 or cf_ids.shape[1] - cf_prompt_len < 2:
-            return "prompt_too_long", f"fewer than 2 response tokens within max_len {self.max_length}"
+            return Skip("prompt_too_long", f"fewer than 2 response tokens within max_len {self.max_length}")
         if cf_ids.shape[1] - cf_prompt_len != n or not torch.equal(ids[0, -n:], cf_ids[0, -n:]):
-            return "response_differs", "the response tokenizes differently after the counterfactual prompt"
+            return Skip("response_differs", "the response tokenizes differently after the counterfactual prompt")
         return ids, att, loss_mask, cf_ids, cf_att
 
     def __len__(self):
@@ -159,13 +139,12 @@ class CounterfactualSFTDataset(Dataset):
         return self.items[idx]
 
     def collate_fn(self, item_list):
-        width = max(max(it[0].shape[1], it[3].shape[1]) for it in item_list)
-        pad = self.tokenizer.pad_token_id
-        inputs = torch.full((len(item_list), 2, width), pad, dtype=torch.long)
-        attention = torch.zeros((len(item_list), 2, width), dtype=torch.long)
-        loss_mask = torch.zeros((len(item_list), 1, width), dtype=torch.float32)
-        for b, (ids, att, mask, cf_ids, cf_att) in enumerate(item_list):
-            inputs[b, 0, : ids.shape[1]], attention[b, 0, : ids.shape[1]] = ids[0], att[0]
-            inputs[b, 1, : cf_ids.shape[1]], attention[b, 1, : cf_ids.shape[1]] = cf_ids[0], cf_att[0]
-            loss_mask[b, 0, : mask.shape[1]] = mask[0]
+        """``zero_pad_sequences`` all 2B sequences (x, y) and (x', y) to one width W, then the loss masks to W."""
+        ids, attention, loss_masks, cf_ids, cf_attention = zip(*item_list)
+        interleave = lambda a, b: [t for pair in zip(a, b) for t in pair]  # noqa: E731  (row b: (x, y), then (x', y))
+        inputs = zero_pad_sequences(interleave(ids, cf_ids), "right", self.tokenizer.pad_token_id)
+        inputs = inputs.view(len(item_list), 2, -1)
+        attention = zero_pad_sequences(interleave(attention, cf_attention), "right").view(len(item_list), 2, -1)
+        width = torch.zeros(1, inputs.shape[-1])  # a row of width W, so the masks pad to W too
+        loss_mask = zero_pad_sequences([*loss_masks, width], "right")[:-1].to(torch.float32).unsqueeze(1)
         return inputs, attention, loss_mask

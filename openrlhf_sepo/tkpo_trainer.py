@@ -14,13 +14,14 @@ normalisation over the accumulation window, logging, evaluation, checkpoints, re
   (checked by the dataset), so response token j sits at the same distance from each sequence's end.
 - logs: ``ce_loss``, ``tkpo_loss``, ``r_mean`` (mean top-1 Plackett-Luce probability of the gold token) and
   ``gold_rank`` (mean number of negatives the policy ranks above the gold token) join OpenRLHF's (``gpt_loss`` is the
-  total, lr, grad_norm, loss_mean).
+  total, lr, grad_norm, loss_mean), in the logs and on the progress bar.
 """
 
 import torch
 from openrlhf.models import Actor, SFTLoss
 from openrlhf.trainer.sft_trainer import SFTTrainer
 
+from openrlhf_sepo.openrlhf_internals import show_step_logs
 from openrlhf_sepo.tkpo import TKPOLoss
 
 
@@ -97,6 +98,6 @@ class TKPOTrainer(SFTTrainer):
         return ce + self.lam * tkpo
 
     def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
-        """OpenRLHF's, with the last micro-batch's TKPO metrics (mean over ranks) in its logs."""
-        logs_dict = {**(logs_dict or {}), **self.strategy.all_reduce(dict(self._step_logs))}
+        """OpenRLHF's, with the last micro-batch's TKPO metrics (mean over ranks) in its logs and on the progress bar."""
+        logs_dict = show_step_logs(step_bar, logs_dict, self.strategy.all_reduce(dict(self._step_logs)))
         super().save_logs_and_checkpoints(args, global_step, step_bar, logs_dict, client_states)

@@ -27,6 +27,8 @@ preference ties at random, seeded); ``list_ids`` [N] says which list each respon
 import torch
 import torch.nn.functional as F
 
+from openrlhf_sepo.openrlhf_internals import engine_module
+
 ACTIVATIONS = ("softplus", "sigmoid")
 AGGREGATIONS = ("avg", "sum", "softmax", "softmin")
 # Written into the saved model's config, so that a scorer reads the rewards with the activation they were trained with.
@@ -99,7 +101,7 @@ def token_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     applied at every position, the last one (EOS) included, which OpenRLHF's critic forward drops.
     """
     output = model(input_ids, attention_mask=attention_mask, return_output=True)
-    inner = getattr(model, "module", model)  # the DeepSpeed engine's module: the HF model with the head
+    inner = engine_module(model)  # the HF model with the head
     head = getattr(inner, inner.value_head_prefix)
     return activation(head(output["last_hidden_state"]).squeeze(-1).float(), kind)
 

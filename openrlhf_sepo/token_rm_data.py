@@ -6,17 +6,20 @@ preference row (``--data.chosen_key`` / ``--data.rejected_key``, prompt as ``tra
 with scores (1, 0). Which one a data set holds is read from its columns.
 
 Every response is tokenized exactly as OpenRLHF's ``RewardDataset(is_dpo=True)`` tokenizes a chosen response
-(through ``score_tokens.RowTokenizer``: input template or chat template, EOS forced, truncation at max_len), so a
+(through ``rows.RowTokenizer``: input template or chat template, EOS forced, truncation at max_len), so a
 token reward model sees the ids that ``score_tokens --scorer token_rm`` later scores.
 """
 
 import math
-from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from openrlhf.utils.utils import zero_pad_sequences
 from torch.utils.data import Dataset
+
+from openrlhf_sepo.rows import RowTokenizer
+from openrlhf_sepo.skips import Skip, SkipCounter
 
 LIST_SKIPS = (
     "missing_key",  # the prompt, responses or scores column absent or null
@@ -53,8 +56,8 @@ class RankedListDataset(Dataset):
             (prompt / chosen / rejected / responses / scores keys, input or chat template, max_len).
         seed: preference ties inside a list are broken at random, once, with this seed (ListMLE needs one order).
 
-    Skips (counted by reason in ``skipped``, the first examples in ``skip_examples``, printed): see
-    ``LIST_SKIPS``. Empty responses are dropped from their list (``dropped_empty_responses``); a list left with
+    Skips (a ``skips.SkipCounter`` in ``skips``: counted by reason in ``skipped``, the first examples in
+    ``skip_examples``, printed): see ``LIST_SKIPS``. Empty responses are dropped from their list (``dropped_empty_responses``); a list left with
     fewer than 2 responses is skipped.
 
     Item: ``(ids: list of K 1-D long tensors, prompt_len: int, scores: list of K floats)``, best first.
@@ -64,8 +67,6 @@ class RankedListDataset(Dataset):
     """
 
     def __init__(self, dataset, tokenizer, strategy, seed=0, name="data"):
-        from openrlhf_sepo.cli.score_tokens import RowTokenizer
-
         super().__init__()
         self.tokenizer, self.strategy = tokenizer, strategy
         flags = strategy.args.data
@@ -89,32 +90,29 @@ class RankedListDataset(Dataset):
                 f"(columns: {sorted(columns)})")
 
         rng = np.random.default_rng(seed)
-        self.items, self.skipped, self.skip_examples = [], Counter(), {}
+        self.items, self.skips = [], SkipCounter(kept=SKIP_EXAMPLES_KEPT)
         self.dropped_empty_responses = 0
         for index, row in enumerate(dataset):
             result = self._encode_pair(row) if self.kind == "pairs" else self._encode_list(row)
-            if isinstance(result[0], str):
-                reason, message = result
-                self.skipped[reason] += 1
-                self.skip_examples.setdefault(reason, [])
-                if len(self.skip_examples[reason]) < SKIP_EXAMPLES_KEPT:
-                    self.skip_examples[reason].append(f"row {index}: {message}")
+            if isinstance(result, Skip):
+                self.skips.add(index, result)
                 continue
             prompt_len, ids, scores = result
             order = np.lexsort((rng.random(len(scores)), -np.asarray(scores)))  # score desc, ties at random
             self.items.append((prompt_len, [ids[i] for i in order], [float(scores[i]) for i in order]))
+        self.skipped, self.skip_examples = self.skips.counts, self.skips.labelled_examples()
         sizes = [len(item[1]) for item in self.items]
         strategy.print(f"RankedListDataset ({name}): {len(self.items)} {self.kind} kept of {len(dataset)} rows, "
                        f"{sum(sizes)} responses (K {min(sizes, default=0)}-{max(sizes, default=0)}); skipped "
                        f"{dict(self.skipped) or 'none'}; empty responses dropped: {self.dropped_empty_responses}")
-        for reason, examples in self.skip_examples.items():
-            strategy.print(f"  skipped {self.skipped[reason]} ({reason}), e.g. {examples[0]}")
+        for line in self.skips.report():
+            strategy.print(line)
         if not self.items:
             raise ListDataError(f"{name}: no usable row (skipped by reason: {dict(self.skipped)})")
 
     def _encode_pair(self, row):
         out = self.row_tokenizer.encode(row)
-        if isinstance(out[0], str):
+        if isinstance(out, Skip):
             return out
         prompt_len, chosen, rejected = out  # lists of ids
         return prompt_len, [torch.tensor(chosen), torch.tensor(rejected)], [1.0, 0.0]
@@ -123,13 +121,13 @@ class RankedListDataset(Dataset):
         prompt, responses, scores = row.get(self.row_tokenizer.prompt_key), row.get(self.responses_key), row.get(self.scores_key)
         for key, value in ((self.row_tokenizer.prompt_key, prompt), (self.responses_key, responses), (self.scores_key, scores)):
             if value is None:
-                return "missing_key", f"{key!r} is missing or null"
+                return Skip("missing_key", f"{key!r} is missing or null")
         if not isinstance(responses, list) or not isinstance(scores, list):
-            return "non_text", f"{self.responses_key!r} and {self.scores_key!r} must be lists"
+            return Skip("non_text", f"{self.responses_key!r} and {self.scores_key!r} must be lists")
         if len(scores) != len(responses):
-            return "score_count_mismatch", f"{len(responses)} responses but {len(scores)} scores"
+            return Skip("score_count_mismatch", f"{len(responses)} responses but {len(scores)} scores")
         if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
-            return "bad_score", f"scores {scores!r} are not all finite numbers"
+            return Skip("bad_score", f"scores {scores!r} are not all finite numbers")
         chat = bool(self.row_tokenizer.apply_chat_template)
         as_messages = lambda v, role: [{"role": role, "content": v}] if chat and isinstance(v, str) else v  # noqa: E731
         kept_ids, kept_scores, prompt_len = [], [], None
@@ -142,15 +140,15 @@ class RankedListDataset(Dataset):
                       self.row_tokenizer.chosen_key: as_messages(response, "assistant"),
                       self.row_tokenizer.rejected_key: as_messages(response, "assistant")}
             result = self.row_tokenizer.tokenize(pseudo)  # the response in both slots: its ids as train_dpo's
-            if isinstance(result[0], str):
+            if isinstance(result, Skip):
                 return result
             prompt_len, ids, _ = result
             kept_ids.append(torch.tensor(ids))
             kept_scores.append(score)
         if len(kept_ids) < 2:
-            return "too_few_responses", f"{len(kept_ids)} non-empty response(s)"
+            return Skip("too_few_responses", f"{len(kept_ids)} non-empty response(s)")
         if len(set(kept_scores)) == 1:
-            return "all_tied", f"every score is {kept_scores[0]}"
+            return Skip("all_tied", f"every score is {kept_scores[0]}")
         return prompt_len, kept_ids, kept_scores
 
     def __len__(self):
@@ -168,11 +166,9 @@ class RankedListDataset(Dataset):
             layout += [(list_index, s) for s in list_scores]
             sizes.append(len(ids))
             scores.append(list_scores)
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            input_ids[i, : len(s)], attention[i, : len(s)] = s, 1
+        input_ids = zero_pad_sequences(seqs, "right", self.tokenizer.pad_token_id, stack=True)
+        attention = zero_pad_sequences([torch.ones_like(s) for s in seqs], "right", stack=True)
+        width = input_ids.shape[1]
         positions = torch.arange(width).unsqueeze(0)
         response = (positions >= torch.tensor(prompt_lens).unsqueeze(1)) & attention.bool()
         return input_ids, attention, response, torch.tensor(layout, dtype=torch.float64), ListBatch(sizes, scores)

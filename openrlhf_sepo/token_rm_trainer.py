@@ -17,13 +17,17 @@ resume, gradient accumulation); the hooks become the token reward model's:
 - eval: OpenRLHF's evaluation (``eval_loss`` = ListMLE, ``acc_mean`` = ranking accuracy), plus Kendall's tau of
   each list's order by e against its order by preference, averaged over lists and ranks (``kendall_tau``).
 - logs: the response tokens' mean and standard deviation of r (``token_reward_mean``, ``token_reward_std``) join
-  OpenRLHF's train logs (loss, acc, chosen_reward, reject_reward, lr, grad_norm, loss_mean, acc_mean).
+  OpenRLHF's train logs (loss, acc, chosen_reward, reject_reward, lr, grad_norm, loss_mean, acc_mean) and its progress
+  bar.
 """
 
 import torch
 from openrlhf.trainer.rm_trainer import RewardModelTrainer
 
-from openrlhf_sepo.token_rm import aggregate, list_mle, token_rewards
+from openrlhf_sepo.openrlhf_internals import (PAIRWISE_RM_FLAGS, add_missing_flags, engine_module, log_eval_metrics,
+                                              show_step_logs, uneven_all_gather)
+from openrlhf_sepo.token_rm import CONFIG_KEY, aggregate, list_mle, token_rewards
+from openrlhf_sepo.training import enable_gradient_checkpointing
 
 
 def ordered_pairs(list_ids: torch.Tensor, preference: torch.Tensor):
@@ -43,14 +47,6 @@ def kendall_tau(scores: torch.Tensor, list_ids: torch.Tensor, preference: torch.
     return totals / counts
 
 
-def _gather_uneven(gather, data: torch.Tensor) -> torch.Tensor:
-    """``gather`` (a strategy's equal-size ``all_gather``, concatenating) for 1-D tensors of any size per rank."""
-    sizes = gather(torch.tensor([float(data.numel())], device=data.device)).long().tolist()
-    padded = torch.cat([data, data.new_zeros(max(sizes) - data.numel())])
-    chunks = gather(padded).split(max(sizes))
-    return torch.cat([chunk[:n] for chunk, n in zip(chunks, sizes)])
-
-
 class TokenRewardModelTrainer(RewardModelTrainer):
     """OpenRLHF ``RewardModelTrainer`` training a token reward model with ListMLE (see the module docstring).
 
@@ -63,9 +59,7 @@ class TokenRewardModelTrainer(RewardModelTrainer):
                  activation="softplus", aggregation="avg", tau=2.0, max_norm=1.0, max_epochs=1,
                  save_hf_ckpt=False, disable_ds_ckpt=False):
         # RewardModelTrainer reads two pairwise-RM flags that train_token_rm does not have: neutral values.
-        for name in ("margin_loss_enable", "compute_fp32_loss_enable"):
-            if not hasattr(strategy.args.model, name):
-                setattr(strategy.args.model, name, False)
+        add_missing_flags(strategy.args.model, PAIRWISE_RM_FLAGS)
         super().__init__(model, strategy, optim, train_dataloader, eval_dataloader, scheduler, tokenizer,
                          max_norm=max_norm, max_epochs=max_epochs, loss="sigmoid",
                          disable_ds_ckpt=disable_ds_ckpt, save_hf_ckpt=save_hf_ckpt)
@@ -84,7 +78,7 @@ class TokenRewardModelTrainer(RewardModelTrainer):
         self._forward = (scores, list_ids)
         picked = rewards.detach()[response_mask]
         self._step_logs = {"token_reward_mean": picked.mean().item(), "token_reward_std": picked.std().item()}
-        if not getattr(model, "module", model).training:  # DeepSpeed's engine.eval() sets its module's flag only
+        if not engine_module(model).training:  # DeepSpeed's engine.eval() sets its module's flag only
             taus = kendall_tau(scores.detach(), list_ids, preference)
             self._tau_sum += taus.sum().item()
             self._tau_lists += len(taus)
@@ -104,22 +98,50 @@ class TokenRewardModelTrainer(RewardModelTrainer):
         made to accept uneven sizes for the duration of the call.
         """
         self._tau_sum = self._tau_lists = 0.0
-        gather = self.strategy.all_gather
-        self.strategy.all_gather = lambda data: _gather_uneven(gather, data)
-        try:
+        with uneven_all_gather(self.strategy):
             super().evaluate(eval_dataloader, steps)
-        finally:
-            del self.strategy.all_gather  # back to the class's method
         totals = self.strategy.all_reduce({"tau_sum": self._tau_sum, "lists": self._tau_lists}, op="sum")
         tau = totals["tau_sum"] / max(totals["lists"], 1)
         self.strategy.print(f"eval step {steps}: kendall_tau {tau:.4f} over {int(totals['lists'])} lists")
-        if self.strategy.is_rank_0():
-            if self._wandb is not None:
-                self._wandb.log({"eval/kendall_tau": tau, "eval/global_step": steps})
-            elif self._tensorboard is not None:
-                self._tensorboard.add_scalar("eval/kendall_tau", tau, steps)
+        log_eval_metrics(self, {"kendall_tau": tau}, steps)
 
     def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
-        """OpenRLHF's, with the last micro-batch's token reward statistics (mean over ranks) in its logs."""
-        logs_dict = {**(logs_dict or {}), **self.strategy.all_reduce(dict(self._step_logs))}
+        """OpenRLHF's, with the last micro-batch's token reward statistics (mean over ranks) in its logs and on the
+        progress bar."""
+        logs_dict = show_step_logs(step_bar, logs_dict, self.strategy.all_reduce(dict(self._step_logs)))
         super().save_logs_and_checkpoints(args, global_step, step_bar, logs_dict, client_states)
+
+
+def load_for_training(args, strategy):
+    """(OpenRLHF's critic-type value-head model from ``--model.model_name_or_path``, its tokenizer), as ``train_rm``
+    loads its model but with a value at every position.
+
+    A ``train_token_rm`` checkpoint continues with its trained head (the on-policy loop retrains the token RM each
+    round); any other causal LM gets a fresh head, near zero. The config records ``value_head_prefix`` and the
+    ``--token_rm.*`` settings from the start, so that every HF save (``--ckpt.save_hf``, the final one) can be scored.
+    """
+    from openrlhf.models import get_llm_for_sequence_regression
+    from openrlhf.utils import get_tokenizer
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(args.model.model_name_or_path, trust_remote_code=True)
+    continuing = isinstance(getattr(config, CONFIG_KEY, None), dict)
+    strategy.print(f"train_token_rm: {'continuing the token RM' if continuing else 'a new value head on'} "
+                   f"{args.model.model_name_or_path}")
+    model = get_llm_for_sequence_regression(
+        args.model.model_name_or_path, "critic",
+        attn_implementation=args.ds.attn_implementation,
+        experts_implementation=args.ds.experts_implementation,
+        param_dtype=args.ds.param_dtype,
+        ds_config=strategy.get_ds_train_config(),
+        init_value_head=not continuing,
+        value_head_prefix=args.ds.value_head_prefix,
+    )
+    model.config.value_head_prefix = model.value_head_prefix  # the flag's, or a continued checkpoint's own
+    setattr(model.config, CONFIG_KEY, {"activation": args.token_rm.activation,
+                                       "aggregation": args.token_rm.aggregation, "tau": args.token_rm.tau})
+    tokenizer = get_tokenizer(args.model.model_name_or_path, model, "right", strategy,
+                              use_fast=not args.data.disable_fast_tokenizer)
+    strategy.print(model)
+    enable_gradient_checkpointing(model, args)
+    return model, tokenizer

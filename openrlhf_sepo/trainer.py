@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from openrlhf.trainer.dpo_trainer import DPOTrainer
 
 from openrlhf_sepo.loss import SePOLoss
+from openrlhf_sepo.openrlhf_internals import DPO_LOSS_FLAGS, add_missing_flags, engine_module, show_step_logs
 
 
 class LabelLogProbs(torch.autograd.Function):
@@ -93,12 +94,9 @@ class SelectiveDPOTrainer(DPOTrainer):
         save_hf_ckpt: bool = False,
         disable_ds_ckpt: bool = False,
     ) -> None:
-        # DPOTrainer.__init__ builds a DPOLoss from these two DPO-only flags, which train_sepo does not have;
+        # DPOTrainer.__init__ builds a DPOLoss from two DPO-only flags, which train_sepo does not have;
         # neutral values let it do so, and the DPOLoss is replaced right below.
-        model_args = strategy.args.model
-        for name, neutral in (("label_smoothing", 0.0), ("ipo_enable", False)):
-            if not hasattr(model_args, name):
-                setattr(model_args, name, neutral)
+        add_missing_flags(strategy.args.model, DPO_LOSS_FLAGS)
         super().__init__(
             model, NoReferenceModel(), strategy, tokenizer, optim, train_dataloader, eval_dataloader, scheduler,
             max_norm=max_norm, beta=beta, max_epochs=max_epochs, save_hf_ckpt=save_hf_ckpt,
@@ -176,7 +174,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         position_ids.masked_fill_(att == 0, 1)
         output = model.model(ids, attention_mask=att, position_ids=position_ids, output_hidden_states=True,
                              logits_to_keep=1)
-        lm_head = getattr(model.model, "module", model.model).get_output_embeddings()  # engine.module: the HF model
+        lm_head = engine_module(model.model).get_output_embeddings()  # the HF model's
         logits = lm_head(output.hidden_states[-1][:, :-1][selected])  # [selected tokens, V]
         logps = LabelLogProbs.apply(logits, ids[:, 1:][selected])
         full = torch.zeros(selected.shape, dtype=logps.dtype, device=logps.device).masked_scatter(selected, logps)
@@ -190,6 +188,5 @@ class SelectiveDPOTrainer(DPOTrainer):
 
     def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
         """OpenRLHF's, with the last micro-batch's SePO metrics (mean over ranks) added to its logs."""
-        logs_dict = {**(logs_dict or {}), **self.strategy.all_reduce(dict(self._step_logs))}
-        step_bar.set_postfix(logs_dict)
+        logs_dict = show_step_logs(step_bar, logs_dict, self.strategy.all_reduce(dict(self._step_logs)))
         super().save_logs_and_checkpoints(args, global_step, step_bar, logs_dict, client_states)

@@ -2,8 +2,8 @@
 entrypoints through the CPU runtime with 1 or N gloo ranks, score dirs in the score_tokens format, and a
 TensorBoard scalar reader. (Tests run with --import-mode=importlib: share helpers through fixtures, not imports.)"""
 
+import contextlib
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -81,7 +81,7 @@ def tokenize_pairs(tiny_dir, max_len=128):
     from openrlhf.datasets import RewardDataset
     from openrlhf.utils import get_tokenizer
 
-    from openrlhf_sepo.datasets import DataStrategy
+    from openrlhf_sepo.rows import DataStrategy
 
     tokenizer = get_tokenizer(os.path.join(tiny_dir, "tokenizer"), None, "right", None)
     data_args = SimpleNamespace(prompt_key=None, chosen_key="chosen", rejected_key="rejected",
@@ -104,33 +104,31 @@ def tiny_pairs(tiny_dir):
 
 
 def _write_score_dir(out, tokenizer, pairs, score_fn, max_len=128, fingerprint=None):
-    """A scores dir in the score_tokens format; score_fn(ids, prompt_len, side) -> one score per response token,
-    side being "chosen" or "rejected". fingerprint overrides the tokenizer's in the manifest. Returns out."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """A scores dir written by openrlhf_sepo.scores_dir (one shard, a complete manifest); score_fn(ids, prompt_len,
+    side) -> one score per response token, side being "chosen" or "rejected". fingerprint overrides the tokenizer's
+    in the manifest. Returns out."""
+    from openrlhf_sepo import scores_dir
     from openrlhf_sepo.scoring import tokenizer_fingerprint
 
-    os.makedirs(os.path.join(out, "data"), exist_ok=True)
     records = [
         {"index": i, "prompt_len": p, "chosen_input_ids": c, "rejected_input_ids": r,
          "chosen_scores": score_fn(c, p, "chosen"), "rejected_scores": score_fn(r, p, "rejected")}
         for i, (p, c, r) in enumerate(pairs)
     ]
-    pq.write_table(pa.Table.from_pylist(records), os.path.join(out, "data", "shard-00000.parquet"))
-    manifest = {"tokenizer": {"name_or_path": tokenizer.name_or_path,
-                              "fingerprint": fingerprint or tokenizer_fingerprint(tokenizer)},
-                "data": {"max_len": max_len}, "complete": True}
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
+    manifest = scores_dir.new_manifest({
+        "complete": True, "tokenizer": {"name_or_path": tokenizer.name_or_path,
+                                        "fingerprint": fingerprint or tokenizer_fingerprint(tokenizer)},
+        "data": {"max_len": max_len}})
+    scores_dir.start_run(out, manifest)
+    scores_dir.write_shard(out, 0, records, {"shard": 0, "first_index": 0, "pairs_kept": len(records)})
     return out
 
 
 @pytest.fixture(scope="session")
 def write_score_dir():
     """write_score_dir(out, tokenizer, pairs, score_fn, max_len=128, fingerprint=None) -> out: a scores dir in the
-    score_tokens format (one parquet shard + a complete manifest); score_fn(ids, prompt_len, side) gives one score
-    per response token."""
+    score_tokens format, written by openrlhf_sepo.scores_dir (one parquet shard + a complete manifest);
+    score_fn(ids, prompt_len, side) gives one score per response token."""
     return _write_score_dir
 
 
@@ -153,3 +151,46 @@ def _tb_scalars(tb_dir):
 def tb_scalars():
     """tb_scalars(tb_dir) -> {tag: [(step, value), ...]} over every events file under tb_dir."""
     return _tb_scalars
+
+
+
+# The fast tier (`-m "not slow"`) is in-process by construction: a test not marked slow that starts a
+# subprocess or a multiprocessing worker, in its setup or its body, fails and names the marker to add.
+@contextlib.contextmanager
+def _in_process_only(item):
+    import multiprocessing.process
+
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+
+    execute_child, start = subprocess.Popen._execute_child, multiprocessing.process.BaseProcess.start
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{item.nodeid} starts a subprocess: mark it @pytest.mark.slow")
+
+    def launch_or_refuse(popen, cmd, *args, **kwargs):
+        # Libraries probe the host at import (platform.architecture runs `file`); what the tier forbids is a
+        # launch of Python, torchrun or a shell (an entrypoint, a launcher script).
+        program = os.path.basename(str(cmd[0] if isinstance(cmd, (list, tuple)) else cmd).split()[0])
+        if program.startswith(("python", "torchrun", "bash", "sh", "deepspeed", "ray")):
+            refuse()
+        return execute_child(popen, cmd, *args, **kwargs)
+
+    subprocess.Popen._execute_child, multiprocessing.process.BaseProcess.start = launch_or_refuse, refuse
+    try:
+        yield
+    finally:
+        subprocess.Popen._execute_child, multiprocessing.process.BaseProcess.start = execute_child, start
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _in_process_only(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _in_process_only(item):
+        yield

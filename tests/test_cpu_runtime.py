@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from openrlhf_sepo import cpu
+from openrlhf_sepo import openrlhf_internals as internals
+from openrlhf_sepo.openrlhf_internals import cuda_calls_on_cpu
 from openrlhf_sepo._flash_attn import FlashAttnUnavailableError, install_placeholder
 
 
@@ -33,7 +35,7 @@ def test_launcher_variables_are_left_alone(monkeypatch):
 def test_cuda_calls_are_redirected_only_inside_the_block():
     with pytest.raises((RuntimeError, AssertionError)):
         torch.cuda.current_device()
-    with cpu._cuda_calls_on_cpu():
+    with cuda_calls_on_cpu():
         assert torch.cuda.current_device() == "cpu"
         torch.cuda.set_device(0)
         torch.cuda.synchronize()
@@ -42,41 +44,41 @@ def test_cuda_calls_are_redirected_only_inside_the_block():
         torch.cuda.current_device()
 
 
-def _run_python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
+@pytest.fixture
+def strategy_class(monkeypatch):
+    """OpenRLHF's deepspeed module, its ``DeepspeedStrategy`` and ``init_device_mesh`` restored after the test (the
+    patch changes them for the whole process)."""
+    from openrlhf.utils.deepspeed import deepspeed as module
+
+    for name in internals.CUDA_METHODS:
+        monkeypatch.setattr(module.DeepspeedStrategy, name, vars(module.DeepspeedStrategy)[name])
+    monkeypatch.setattr(module.DeepspeedStrategy, internals._PATCHED_FLAG, False, raising=False)
+    monkeypatch.setattr(module, "init_device_mesh", module.init_device_mesh)
+    return module
 
 
-def test_patch_wraps_exactly_the_cuda_spots_and_is_idempotent():
-    code = (
-        "import openrlhf_sepo.cpu as c\n"
-        "from openrlhf.utils.deepspeed import deepspeed as m\n"
-        "before = {n: getattr(m.DeepspeedStrategy, n) for n in vars(m.DeepspeedStrategy)}\n"
-        "assert c.patch_openrlhf_for_cpu() and c.patch_openrlhf_for_cpu()\n"
-        "changed = sorted(n for n in before if not n.startswith('__') and getattr(m.DeepspeedStrategy, n) is not before[n])\n"
-        "print(changed, m.init_device_mesh.__wrapped__.__module__)\n"
-    )
-    proc = _run_python(code)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == (
-        "['all_gather', 'all_reduce', 'save_ckpt', 'save_model', 'setup_distributed'] "
-        "torch.distributed.device_mesh"
-    )
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only patches")
+def test_patch_wraps_exactly_the_cuda_spots_and_is_idempotent(strategy_class):
+    m = strategy_class
+    if getattr(m.DeepspeedStrategy.setup_distributed, "__wrapped__", None) is not None:  # patched before the fixture
+        for name in internals.CUDA_METHODS:
+            setattr(m.DeepspeedStrategy, name, getattr(m.DeepspeedStrategy, name).__wrapped__)
+        m.init_device_mesh = m.init_device_mesh.__wrapped__
+    before = {n: getattr(m.DeepspeedStrategy, n) for n in vars(m.DeepspeedStrategy) if n != internals._PATCHED_FLAG}
+    assert cpu.patch_openrlhf_for_cpu() and cpu.patch_openrlhf_for_cpu()
+    changed = sorted(n for n in before
+                     if not n.startswith("__") and getattr(m.DeepspeedStrategy, n) is not before[n])
+    assert changed == ["all_gather", "all_reduce", "save_ckpt", "save_model", "setup_distributed"]
+    assert m.init_device_mesh.__wrapped__.__module__ == "torch.distributed.device_mesh"
+    assert not hasattr(m.init_device_mesh.__wrapped__, "__wrapped__")  # wrapped once: the patch is idempotent
 
 
-def test_patch_changes_nothing_when_cuda_is_present():
-    code = (
-        "import torch; torch.cuda.is_available = lambda: True\n"
-        "import openrlhf_sepo.cpu as c\n"
-        "from openrlhf.utils.deepspeed import deepspeed as m\n"
-        "before = dict(vars(m.DeepspeedStrategy)); mesh = m.init_device_mesh\n"
-        "assert c.patch_openrlhf_for_cpu() is False\n"
-        "assert dict(vars(m.DeepspeedStrategy)) == before and m.init_device_mesh is mesh\n"
-        "print('untouched')\n"
-    )
-    proc = _run_python(code)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "untouched"
+def test_patch_changes_nothing_when_cuda_is_present(strategy_class, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    m = strategy_class
+    before, mesh = dict(vars(m.DeepspeedStrategy)), m.init_device_mesh
+    assert cpu.patch_openrlhf_for_cpu() is False
+    assert dict(vars(m.DeepspeedStrategy)) == before and m.init_device_mesh is mesh
 
 
 def test_flash_attn_placeholder_lets_openrlhf_import_and_names_the_fix():
@@ -96,14 +98,18 @@ def test_flash_attn_placeholder_lets_openrlhf_import_and_names_the_fix():
         flash_attn_2_cuda.varlen_fwd
 
 
-def test_cli_usage_errors():
-    proc = subprocess.run([sys.executable, "-m", "openrlhf_sepo.cpu"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "usage: python -m openrlhf_sepo.cpu MODULE" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "openrlhf_sepo.cpu", "no_such_module_xyz"],
-                          capture_output=True, text=True)
-    assert proc.returncode != 0 and "No module named no_such_module_xyz" in proc.stderr
+def test_cli_usage_errors(capsys, monkeypatch):
+    from openrlhf_sepo.cpu import __main__ as entry
+
+    assert entry.main([]) == 2 and "usage: python -m openrlhf_sepo.cpu MODULE" in capsys.readouterr().err
+    monkeypatch.setattr(entry, "set_single_process_rendezvous", lambda: False)  # no process-wide changes here
+    monkeypatch.setattr(entry, "patch_openrlhf_for_cpu", lambda: False)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # run_module sets it
+    with pytest.raises(ImportError, match="No module named no_such_module_xyz"):
+        entry.main(["no_such_module_xyz"])
 
 
+@pytest.mark.slow
 def test_jobs_batch_runs_in_order_logs_marks_done_skips_and_stops_at_a_failure(tmp_path):
     """``--jobs``: each job runs as ``python -m MODULE ARGS`` in this process, its output goes to its log, its
     ``done`` file gets its wall seconds, a finished job is skipped on a rerun, and a failing job stops the batch

@@ -11,7 +11,9 @@ import sys
 import pytest
 
 from openrlhf_sepo import tiny
-from openrlhf_sepo.cli.demo import METHODS, SETTINGS_FILE, gated_reward, grid_points, mean_ci95, point_label
+from openrlhf_sepo.bench.keywords import METHODS, SETTINGS_FILE, KeywordSpec, gated_reward
+from openrlhf_sepo.bench.runner import point_label
+from openrlhf_sepo.bench.stats import mean_ci95, paired_differences
 
 
 def test_key_token_mask_is_exact_on_split_and_planted_words():
@@ -122,13 +124,58 @@ def test_mean_ci95_and_gated_reward_by_hand():
     assert gated_reward(samples) == pytest.approx((1.0 - 1.0 - 0.5 - 1.0) / 4)
 
 
+def test_paired_differences_are_seed_by_seed_and_keep_the_comparisons_order():
+    per_seed = {"a": [1.0, 2.0, 4.0], "b": [0.0, 1.5, 2.5], "c": [5.0, 5.0, 5.0]}
+    diffs = paired_differences(per_seed, [("a", "b"), ("missing", "a"), ("c", "a")])
+    assert list(diffs) == ["a - b", "c - a"]
+    assert diffs["a - b"]["mean"] == pytest.approx(1.0)  # differences 1, 0.5, 1.5: sd 0.5
+    assert diffs["a - b"]["ci95"] == pytest.approx(4.303 * 0.5 / math.sqrt(3))
+    assert diffs["c - a"] == dict(zip(("mean", "ci95"), mean_ci95([4.0, 3.0, 1.0])))
+
+
 def test_committed_settings_cover_every_method_from_the_grid():
+    spec = KeywordSpec()
     with open(SETTINGS_FILE) as f:
         doc = json.load(f)
-    assert set(doc["settings"]) == set(METHODS)
+    assert set(doc["settings"]) == set(METHODS) == set(spec.METHODS)
     for method, setting in doc["settings"].items():
-        assert setting in grid_points(method), (method, setting)
-        assert set(doc["validation"][method]) == {point_label(p) for p in grid_points(method)}
+        assert setting in spec.grid_points(method), (method, setting)
+        assert set(doc["validation"][method]) == {point_label(p) for p in spec.grid_points(method)}
+
+
+def test_the_harness_reads_the_spec_it_is_given_not_a_module_global(tmp_path):
+    """A spec with its own methods: the harness, the grid and the policy jobs see them (``Demo.METHODS`` was
+    meant to be overridden, but eight methods read the module global)."""
+    from argparse import Namespace
+
+    from openrlhf_sepo.bench.runner import Benchmark
+
+    class OneMethod(KeywordSpec):
+        METHODS = {"only": dict(METHODS["dpo"], nll=0.25)}
+        QUICK_METHODS = ["only"]
+
+    args = Namespace(output_dir=str(tmp_path), quick=True, sweep=False, seeds="0,1", methods=None,
+                     settings=str(tmp_path / "s.json"), nproc=1)
+    (tmp_path / "s.json").write_text(json.dumps({"settings": {"only": {"lr": 0.001, "beta": 0.5}}}))
+    bench = Benchmark(OneMethod(), args)
+    assert bench.methods == ["only"] and bench.settings == {"only": {"lr": 0.001, "beta": 0.5}}
+    assert OneMethod().grid_points("only") == KeywordSpec().grid_points("dpo")
+    job = bench.spec.policy_job(bench, 0, "only", "only", bench.settings["only"], snapshots=False)
+    assert job["module"] == "openrlhf.cli.train_dpo" and job["args"][job["args"].index("--model.nll_loss_coef") + 1] == "0.25"
+    assert job["args"][job["args"].index("--model.beta") + 1] == "0.5"
+    with pytest.raises(SystemExit, match="unknown"):
+        Benchmark(OneMethod(), Namespace(**{**vars(args), "methods": "sepo"}))
+
+
+def test_old_import_paths_still_work():
+    from openrlhf_sepo.cli import demo, tkpo_benchmark
+    from openrlhf_sepo.bench import style
+
+    assert demo.METHODS is METHODS and demo.SETTINGS_FILE == SETTINGS_FILE and demo.mean_ci95 is mean_ci95
+    assert demo.gated_reward is gated_reward and demo.point_label is point_label
+    assert demo.grid_points("sepo") == KeywordSpec().grid_points("sepo")
+    assert tkpo_benchmark.METHODS is style.METHODS and tkpo_benchmark.SETTINGS_FILE == style.SETTINGS_FILE
+    assert tkpo_benchmark.grid_points("dpo") == style.StyleSpec().grid_points("dpo")
 
 
 @pytest.mark.slow

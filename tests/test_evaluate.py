@@ -1,12 +1,14 @@
-"""Evaluation: pairwise accuracy against a hand computation, generations scored by the ground truth and by a
-real OpenRLHF reward model, win-rate arithmetic, format validity, the sampled KL to the baseline against a hand
-computation, the CLI directly and through the CPU runtime, bad input.
+"""Evaluation (``openrlhf_sepo.evaluation``): pairwise accuracy against a hand computation, generations scored
+by the ground truth (passed in as ``reward_fn``), by a stand-in scorer and by a real OpenRLHF reward model, win-rate
+arithmetic, format validity, the sampled KL to the baseline against a hand computation, the CLI directly and
+through the CPU runtime and its old import path, bad input, and that the library imports no task.
 
 Models whose behaviour is known by construction ("residual-only" Llamas): every layer writes zeros to the
 residual stream, so the last hidden state is the one-hot embedding of the current token and the logits are
 one column of a hand-written lm_head. That makes greedy and sampled outputs, and preferences, exact.
 """
 
+import ast
 import json
 import math
 import os
@@ -16,8 +18,9 @@ import sys
 import pytest
 import torch
 
+from openrlhf_sepo import evaluation as ev
 from openrlhf_sepo import tiny
-from openrlhf_sepo.cli import evaluate as ev
+from openrlhf_sepo.cli import evaluate as cli_ev
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,6 +99,8 @@ def _rows(tiny_dir, name="pairs.jsonl", n=None):
 
 
 CHAT = ev.DataFlags(apply_chat_template=True, max_len=128)
+# The embedded task's scorers, as the CLI passes them for --reward ground_truth.
+TRUTH = dict(reward_fn=cli_ev.ground_truth_rewards, format_fn=cli_ev.well_formed, reward_name="ground_truth")
 
 
 def _hand_mean_logp(model, tokenizer, prompt_text, full_text):
@@ -143,15 +148,15 @@ def test_pairwise_accuracy_follows_the_preferred_words(tiny_dir, tmp_path):
         assert (got["mean_margin"] > 1.0) == (expected == 1.0)
 
 
-def test_generations_ground_truth_rewards_and_win_rates(tiny_dir, chain_models, monkeypatch):
+def test_generations_ground_truth_rewards_and_win_rates(tiny_dir, chain_models):
     # A stand-in template check that tells the chains apart, to see format_validity follow each model's own
     # responses (the real parser rejects every chain: none writes "The <topic> is ...").
-    monkeypatch.setattr(tiny, "is_well_formed", lambda text: "helpful" in text)
     gen = ev.GenFlags(n_prompts=5, max_new_tokens=12, greedy=True, n_samples=5)
     report = ev.evaluate_models(
         chain_models, baseline="bad", data=ev.DataFlags(dataset=os.path.join(tiny_dir, "pairs.jsonl"),
                                                         apply_chat_template=True, max_len=128, max_samples=16),
-        gen=gen, reward="ground_truth", batch_size=2,
+        gen=gen, reward_fn=cli_ev.ground_truth_rewards, format_fn=lambda texts: ["helpful" in t for t in texts],
+        reward_name="ground_truth", batch_size=2,
     )
     models = report["models"]
     assert report["n_prompts"] == 5 and report["n_pairs"] == 16 and report["reward_source"] == "ground_truth"
@@ -187,10 +192,12 @@ def test_sampled_generation_from_a_prompt_file(tiny_dir, chain_models, tmp_path)
     assert [r.split() for r in ev.generate(model, tokenizer, held_out, CHAT, gen, batch_size=3)] == [
         ["accurate", "wrong", "honest", "careful"]
     ] * 4
-    report = ev.evaluate_models({"mixed": chain_models["mixed"]}, data=CHAT, gen=gen, reward="ground_truth")
+    report = ev.evaluate_models({"mixed": chain_models["mixed"]}, data=CHAT, gen=gen, **TRUTH)
     assert report["n_prompts"] == 4 and report["n_pairs"] == 0
     assert report["models"]["mixed"]["samples"][0]["prompt"] == held_out[0]
     assert "pairwise_accuracy" not in report["models"]["mixed"]
+    with pytest.raises(ValueError, match="reward_fn must give one value per response: 1 for mixed's 4"):
+        ev.evaluate_models({"mixed": chain_models["mixed"]}, data=CHAT, gen=gen, reward_fn=lambda texts: [0.0])
 
 
 def test_format_validity_is_the_share_of_well_formed_responses():
@@ -203,8 +210,9 @@ def test_format_validity_is_the_share_of_well_formed_responses():
         "",
     ]
     assert [tiny.is_well_formed(r) for r in responses] == [True, True, False, False, False]
-    assert ev.format_validity(responses) == 2 / 5
-    assert ev.format_validity(responses[:2]) == 1.0 and ev.format_validity(responses[2:]) == 0.0
+    assert cli_ev.well_formed(responses) == [True, True, False, False, False]
+    assert cli_ev.format_validity(responses) == 2 / 5
+    assert cli_ev.format_validity(responses[:2]) == 1.0 and cli_ev.format_validity(responses[2:]) == 0.0
 
 
 def _hand_response_logp(model, prompt_ids, response_ids):
@@ -287,7 +295,7 @@ def test_kl_to_baseline_matches_a_hand_estimate(tiny_dir, perturbed_model, monke
     gen = ev.GenFlags(n_prompts=5, max_new_tokens=10, n_samples=5)  # sampling at temperature 1, top_p 1
     # The baseline in the middle: "perturbed" is scored while it is loaded, "copy" after one reload.
     models = {"perturbed": perturbed_model, "base": base, "copy": base}
-    report = ev.evaluate_models(models, baseline="base", data=data, gen=gen, reward="ground_truth", batch_size=2)
+    report = ev.evaluate_models(models, baseline="base", data=data, gen=gen, batch_size=2, **TRUTH)
     assert loads == [perturbed_model, base, base, base]
     assert report["kl_unbiased"] is True
     m = report["models"]
@@ -324,7 +332,7 @@ def test_kl_needs_the_baselines_vocabulary(tiny_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(os.path.join(tiny_dir, "base")).save_pretrained(other)
     gen = ev.GenFlags(prompts=os.path.join(tiny_dir, "pairs_plain.jsonl"), n_prompts=2, max_new_tokens=4)
     report = ev.evaluate_models({"base": os.path.join(tiny_dir, "base"), "other": other}, data=ev.DataFlags(),
-                                gen=gen, reward="ground_truth")
+                                gen=gen, **TRUTH)
     assert report["models"]["base"]["kl_to_base"] == 0.0 and report["models"]["other"]["kl_to_base"] is None
     assert math.isfinite(report["models"]["other"]["format_validity"])
     assert ev.format_table(report).splitlines()[2].split()[-1] == "n/a"
@@ -346,6 +354,7 @@ def reward_model(tiny_dir, run, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_reward_model_scores_through_the_cpu_runtime(tiny_dir, chain_models, reward_model, run, tmp_path):
     output = tmp_path / "report.json"
     proc = run("openrlhf_sepo.cli.evaluate", [
@@ -378,6 +387,7 @@ def test_reward_model_scores_through_the_cpu_runtime(tiny_dir, chain_models, rew
     assert report["models"]["good"]["win_rate_vs_bad"] == pytest.approx(wins)
 
 
+@pytest.mark.slow
 def test_cli_runs_directly_with_plain_data(tiny_dir, chain_models, tmp_path):
     output = tmp_path / "out" / "report.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -406,7 +416,24 @@ def _no_template_model(tiny_dir, path):
     return str(path)
 
 
-def test_bad_input_is_reported_before_any_model_is_loaded(tiny_dir, reward_model, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def untrained_reward_model(tiny_dir, tmp_path_factory):
+    """An OpenRLHF reward model checkpoint saved as train_rm saves one (``save_pretrained`` of
+    ``get_llm_for_sequence_regression(path, "reward")``: config architectures ``["RewardModel"]``), built in-process
+    and untrained: what the input checks read of it is its config."""
+    from openrlhf.models import get_llm_for_sequence_regression
+    from transformers import AutoTokenizer
+
+    path = str(tmp_path_factory.mktemp("untrained_rm"))
+    base = os.path.join(tiny_dir, "base")
+    model = get_llm_for_sequence_regression(base, "reward", param_dtype="bf16", attn_implementation="sdpa",
+                                            dtype=torch.float32, init_value_head=True)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    return path
+
+
+def test_bad_input_is_reported_before_any_model_is_loaded(tiny_dir, untrained_reward_model, tmp_path, monkeypatch):
     def must_not_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
@@ -423,22 +450,21 @@ def test_bad_input_is_reported_before_any_model_is_loaded(tiny_dir, reward_model
         (dict(models={"sft": base}, data=data), "--reward ground_truth or --reward.model_name_or_path"),
         (dict(models={"sft": base}, data=data, reward_model_path=str(tmp_path / "nope")),
          "--reward.model_name_or_path"),
-        (dict(models={"sft": base}, data=data, reward="ground_truth", reward_model_path=base), "not both"),
+        (dict(models={"sft": base}, data=data, reward_model_path=base, **TRUTH), "not both"),
         (dict(models={"sft": _no_template_model(tiny_dir, tmp_path / "plain")}, data=data, gen=no_gen),
          "--data.apply_chat_template"),
-        (dict(models={"sft": base, "rm": reward_model}, data=data, gen=no_gen), "--models rm: "),
+        (dict(models={"sft": base, "rm": untrained_reward_model}, data=data, gen=no_gen), "--models rm: "),
         (dict(models={"sft": base}, baseline="dpo", data=data, gen=no_gen), "--baseline 'dpo'"),
         (dict(models={"sft": base}, data=ev.DataFlags(dataset=pairs, chosen_key="better"), gen=no_gen),
          "--data.chosen_key 'better'"),
         (dict(models={"sft": base}, data=ev.DataFlags(dataset=str(tmp_path / "none.jsonl")), gen=no_gen),
          "--data.dataset"),
         (dict(models={"sft": base}, data=ev.DataFlags(dataset=os.path.join(tiny_dir, "pairs_plain.jsonl")),
-              reward="ground_truth"), "--data.prompt_key"),
-        (dict(models={"sft": base}, data=ev.DataFlags(), reward="ground_truth"), "nothing to evaluate"),
-        (dict(models={"sft": base}, gen=ev.GenFlags(prompts=str(messages)), reward="ground_truth"),
+              **TRUTH), "--data.prompt_key"),
+        (dict(models={"sft": base}, data=ev.DataFlags(), **TRUTH), "nothing to evaluate"),
+        (dict(models={"sft": base}, gen=ev.GenFlags(prompts=str(messages)), **TRUTH),
          "prompt 0 is a message list: it needs --data.apply_chat_template"),
-        (dict(models={"sft": base}, data=data, reward="ground_truth", gen=ev.GenFlags(temperature=0.0)),
-         "--gen.temperature"),
+        (dict(models={"sft": base}, data=data, gen=ev.GenFlags(temperature=0.0), **TRUTH), "--gen.temperature"),
     ]
     for kwargs, flag in cases:
         with pytest.raises(ev.EvaluationInputError) as err:
@@ -446,8 +472,62 @@ def test_bad_input_is_reported_before_any_model_is_loaded(tiny_dir, reward_model
         assert flag in str(err.value), (flag, str(err.value))
 
     with pytest.raises(ev.EvaluationInputError, match="--models: 'sft' is not NAME=PATH|given twice"):
-        ev.parse_models("sft=a,sft=b")
-    assert ev.parse_models("sft=/a/b, /c/dpo/") == {"sft": "/a/b", "dpo": "/c/dpo/"}
+        cli_ev.parse_models("sft=a,sft=b")
+    assert cli_ev.parse_models("sft=/a/b, /c/dpo/") == {"sft": "/a/b", "dpo": "/c/dpo/"}
     # The CLI turns these into one line on stderr and exit status 2, naming the flag.
-    assert ev.main(["--models", f"sft={base}", "--data.dataset", pairs, "--gen.n_prompts", "0",
-                    "--ds.param_dtype", "fp32", "--baseline", "nope"]) == 2
+    assert cli_ev.main(["--models", f"sft={base}", "--data.dataset", pairs, "--gen.n_prompts", "0",
+                        "--ds.param_dtype", "fp32", "--baseline", "nope"]) == 2
+    with pytest.raises(ev.EvaluationInputError, match="--reward must be 'ground_truth'"):
+        cli_ev.evaluate_models({"sft": base}, data=data, reward="rm")
+
+
+# The names the library had when it lived in the CLI module, still importable from there.
+OLD_PATH_NAMES = ("DTYPES", "DataFlags", "EvaluationInputError", "GenFlags", "default_device", "format_table",
+                  "generate", "load_policy", "load_reward_model", "load_rows", "pairwise_accuracy",
+                  "preference_prompts", "render_prompt", "response_logprob_sums", "reward_model_rewards", "win_rate")
+
+
+def test_the_old_import_path_still_works(tiny_dir):
+    from openrlhf_sepo.cli.evaluate import (  # noqa: F401  (the import itself is the test)
+        GROUND_TRUTH, evaluate_models, format_validity, ground_truth_rewards, parse_models,
+    )
+
+    assert all(getattr(cli_ev, name) is getattr(ev, name) for name in OLD_PATH_NAMES)
+    # evaluate_models from the old path keeps its reward="ground_truth": the embedded task's scorers.
+    gen = ev.GenFlags(prompts=os.path.join(tiny_dir, "pairs_plain.jsonl"), n_prompts=2, max_new_tokens=4)
+    report = evaluate_models({"base": os.path.join(tiny_dir, "base")}, gen=gen, reward=GROUND_TRUTH)
+    m = report["models"]["base"]
+    assert report["reward_source"] == "ground_truth" and m["kl_to_base"] == 0.0
+    assert m["reward_mean"] == sum(ground_truth_rewards(s["response"] for s in m["samples"])) / 2
+    assert m["format_validity"] == format_validity([s["response"] for s in m["samples"]])
+
+
+def _package_imports(module: str) -> set:
+    """The ``openrlhf_sepo`` modules that ``module``'s source imports (any depth in the file, lazy ones too)."""
+    parts = module.split(".")
+    path = os.path.join(REPO, *parts) + ".py"
+    if not os.path.isfile(path):
+        path = os.path.join(REPO, *parts, "__init__.py")
+    if not os.path.isfile(path):
+        return set()
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module`
+    return {n for n in names if n.split(".")[0] == "openrlhf_sepo"}
+
+
+def test_evaluation_imports_no_task():
+    """The metrics know no task: nothing ``openrlhf_sepo.evaluation`` imports, directly or through other modules
+    of the package, is ``openrlhf_sepo.tiny`` or the CLI (the scorers come in as ``reward_fn``/``format_fn``)."""
+    seen, todo = set(), ["openrlhf_sepo.evaluation"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(_package_imports(module))
+    assert "openrlhf_sepo.scoring" in seen  # the walk follows imports
+    assert "openrlhf_sepo.tiny" not in seen and not [m for m in seen if m.startswith("openrlhf_sepo.cli")]

@@ -128,12 +128,12 @@ def _tokenizer(tiny_dir):
 
 def _row_tokenizer(tiny_dir, *flags):
     from openrlhf_sepo.cli import score_tokens
-    from openrlhf_sepo.datasets import DataStrategy
+    from openrlhf_sepo.rows import DataStrategy, RowTokenizer
 
     base = os.path.join(tiny_dir, "base")
     args = score_tokens.parse_args(["--oracle.model_name_or_path", base, "--ref.model_name_or_path", base,
                                     "--data.dataset", "unused", "--output_dir", "unused", "--data.max_len", "128", *flags])
-    return score_tokens.RowTokenizer(_tokenizer(tiny_dir), DataStrategy(args.data, quiet=True))
+    return RowTokenizer(_tokenizer(tiny_dir), DataStrategy(args.data, quiet=True))
 
 
 def test_row_tokenizer_splits_strings_and_message_lists(tiny_dir):
@@ -165,11 +165,12 @@ def test_row_tokenizer_splits_strings_and_message_lists(tiny_dir):
     assert chat.encode(row)[0] == "no_shared_prompt"
 
 
+@pytest.mark.slow
 def test_score_tokens_keeps_hh_rows_and_scores_the_final_answers(tiny_dir, hh_file, run, tmp_path):
     from datasets import Dataset, load_dataset
     from openrlhf.datasets import RewardDataset
 
-    from openrlhf_sepo.datasets import DataStrategy
+    from openrlhf_sepo.rows import DataStrategy
     from openrlhf_sepo.cli.evaluate import DataFlags
 
     base = os.path.join(tiny_dir, "base")

@@ -21,6 +21,7 @@ def bash(script, args, **env):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
 def test_gpu_command_is_deepspeed_with_user_arguments_last(script):
     proc = bash(script, ["--data.max_len", "77"], SEPO_DRY_RUN="1")
@@ -30,6 +31,7 @@ def test_gpu_command_is_deepspeed_with_user_arguments_last(script):
     assert "flash_attention_2" in cmd and "bf16" in cmd  # the published GPU defaults
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
 def test_cpu_command_uses_runtime_and_sdpa(script):
     proc = bash(script, ["--ds.attn_implementation", "eager"], SEPO_DRY_RUN="1", SEPO_DEVICE="cpu", SEPO_NPROC="3")
@@ -41,6 +43,7 @@ def test_cpu_command_uses_runtime_and_sdpa(script):
     assert impls[-2:] == ["sdpa", "eager"]  # sdpa replaces flash_attention_2; the user's choice still wins
 
 
+@pytest.mark.slow
 def test_slurm_mode_only_prepares_the_command():
     script = os.path.join(REPO, "examples", "scripts", "train_sft_llama.sh")
     proc = subprocess.run(["bash", "-c", f'source {shlex.quote(script)} slurm --adam.lr 3e-6; echo "${{SEPO_CMD[@]}}"'],
@@ -74,6 +77,7 @@ def test_cpu_sft_then_dpo_launchers_run_end_to_end(tiny_dir, tmp_path):
     assert "openrlhf_sepo.cpu openrlhf.cli.train_dpo" in proc.stdout  # the launch line bash echoed (set -x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_dpo_llama.sh", "train_sft_llama.sh", "score_tokens_llama.sh"])
 def test_own_dataset_drops_the_default_split_unless_one_is_given(script):
     path = os.path.join(REPO, "examples", "scripts", script)

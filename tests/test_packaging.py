@@ -22,6 +22,7 @@ def wheel(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow
 def test_wheel_holds_the_package(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     package_files = {
@@ -34,6 +35,7 @@ def test_wheel_holds_the_package(wheel):
     assert not any(n.startswith("tests/") for n in names)  # never shadow OpenRLHF's own top-level `tests`
 
 
+@pytest.mark.slow
 def test_wheel_metadata(wheel):
     with zipfile.ZipFile(wheel) as zf:
         meta = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()

@@ -4,6 +4,7 @@ errors at start, resume after a SIGKILL, 2 ranks == 1 rank, the launcher script,
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import torch
 import openrlhf_sepo  # noqa: F401  (flash-attn placeholder before OpenRLHF)
 from openrlhf_sepo import tiny
 from openrlhf_sepo.cli import score_tokens
-from openrlhf_sepo.datasets import DataStrategy
+from openrlhf_sepo.rows import DataStrategy
 from openrlhf_sepo.scoring import tokenizer_fingerprint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +94,7 @@ def reference_run(setup):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_output_schema_ids_scores_and_manifest(setup, reference_run):
     from datasets import Dataset
     from openrlhf.datasets import RewardDataset
@@ -164,6 +166,7 @@ def _assert_same_scores(rows_a, rows_b, atol=0.0):
             torch.testing.assert_close(torch.tensor(a[key]), torch.tensor(b[key]), atol=atol, rtol=0)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(setup, reference_run):
     out = setup["root"] / "killed"
     killed = run_direct(flags(setup, out), env={score_tokens.KILL_AFTER_SHARDS_ENV: "2"})
@@ -221,6 +224,29 @@ def test_output_dir_of_another_run_needs_overwrite(setup, tmp_path):
     assert len(load_scores(out)) == 9 - sum(1 for i in BAD_ROWS if i < 9)
 
 
+def test_dirs_from_before_the_format_version_resume_and_newer_ones_are_refused(setup, tmp_path):
+    """A killed run's dir whose manifest has no format fields (written before they existed) resumes as the same
+    run; a dir of a newer format version is refused, naming the dir, unless --overwrite."""
+    out = tmp_path / "out"
+    first = score_tokens.main(flags(setup, out, "--data.max_samples", "9"))
+    assert (first["format"], first["format_version"], first["shards"]["total"]) == ("openrlhf-sepo token scores", 1, 2)
+    old = {k: v for k, v in first.items() if k not in ("format", "format_version")}
+    with open(os.path.join(str(out), "manifest.json"), "w") as f:
+        json.dump({**old, "complete": False}, f)
+    os.remove(os.path.join(str(out), "shards", "shard-00001.json"))  # as if killed before shard 1 was done
+    resumed = score_tokens.main(flags(setup, out, "--data.max_samples", "9"))
+    assert resumed["shards"] == {"total": 2, "scored_this_run": 1, "resumed": 1}
+    assert resumed["counts"] == first["counts"] and resumed["format_version"] == 1
+
+    with open(os.path.join(str(out), "manifest.json"), "w") as f:
+        json.dump({**resumed, "format_version": 2}, f)
+    refused = f"scores dir {re.escape(repr(str(out)))} is in format .* version 2, but this openrlhf-sepo reads .* version 1"
+    with pytest.raises(SystemExit, match=refused + ".*pass --overwrite"):
+        score_tokens.main(flags(setup, out, "--data.max_samples", "9"))
+    replaced = score_tokens.main(flags(setup, out, "--data.max_samples", "9", "--overwrite"))
+    assert replaced["format_version"] == 1 and replaced["shards"]["scored_this_run"] == 2
+
+
 def test_all_rows_bad_is_an_error(setup, tmp_path):
     with pytest.raises(SystemExit, match="no pair was kept"):  # no prompt key, no chat template: every prompt empty
         score_tokens.main(["--oracle.model_name_or_path", setup["oracle"], "--ref.model_name_or_path", setup["ref"],
@@ -255,6 +281,7 @@ def test_launcher_script_on_cpu(setup, tmp_path):
     assert m["complete"] is True and m["score"]["attn_implementation"] == "sdpa" and m["counts"]["pairs_kept"] == N_GOOD
 
 
+@pytest.mark.slow
 def test_report_html_and_histograms(setup, reference_run, tmp_path):
     from openrlhf_sepo.cli import score_report
 

@@ -13,8 +13,9 @@ import torch
 
 import openrlhf_sepo  # noqa: F401  (flash-attn placeholder before OpenRLHF)
 from openrlhf_sepo import tiny
+from openrlhf_sepo import score_tokens as engine
 from openrlhf_sepo.cli import score_tokens
-from openrlhf_sepo.datasets import DataStrategy
+from openrlhf_sepo.rows import DataStrategy
 from openrlhf_sepo.scoring import tokenizer_fingerprint
 
 N_GOOD = 32
@@ -81,6 +82,7 @@ def one_rank(assets, run):
     return out
 
 
+@pytest.mark.slow
 def test_policy_ids_mapped_sums_and_manifest(assets, one_rank):
     from transformers import AutoModelForCausalLM
 
@@ -124,6 +126,7 @@ def test_policy_ids_mapped_sums_and_manifest(assets, one_rank):
     assert m["score_stats"]["chosen"]["tokens"] == n_tokens  # statistics of the written (policy-token) scores
 
 
+@pytest.mark.slow
 def test_scores_load_with_the_policy_tokenizer_only(assets, one_rank):
     from openrlhf.utils import get_tokenizer
 
@@ -137,6 +140,7 @@ def test_scores_load_with_the_policy_tokenizer_only(assets, one_rank):
         TokenScoreDataset(str(one_rank), get_tokenizer(assets["oracle"], None, "right", None), MAX_LEN)
 
 
+@pytest.mark.slow
 def test_run_id_includes_the_policy_tokenizer(assets, one_rank):
     # Same flags, another policy tokenizer (the oracle's own): another run. Without the flag: another run too.
     with pytest.raises(SystemExit, match="holds another run"):
@@ -154,7 +158,7 @@ def test_errors_at_start(assets, tmp_path, capsys, monkeypatch):
     def no_weights(*args, **kwargs):
         raise AssertionError("model weights were loaded before the set-up was checked")
 
-    monkeypatch.setattr(score_tokens, "load_model", no_weights)
+    monkeypatch.setattr(engine, "load_model", no_weights)
     out = tmp_path / "out"
     slow = str(tmp_path / "byt5")  # a tokenizer with no fast (Rust) version: no character offsets
     ByT5Tokenizer().save_pretrained(slow)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import openrlhf_sepo  # noqa: F401  (flash-attn placeholder before OpenRLHF)
+from openrlhf_sepo import score_tokens as engine
 from openrlhf_sepo.cli import score_tokens
 from openrlhf_sepo.scoring import tokenizer_fingerprint
 
@@ -83,6 +84,7 @@ def expected_rewards(token_rm_dir, ids, prompt_len):
 expected_rewards.models = {}
 
 
+@pytest.mark.slow
 def test_scores_ids_and_manifest(tiny_dir, token_rm_dir, tiny_pairs, one_rank):
     rows = load_scores(one_rank)
     # Ids: exactly what OpenRLHF's RewardDataset(is_dpo=True) makes of pairs.jsonl with the token RM's tokenizer.
@@ -129,6 +131,7 @@ def test_two_ranks_equal_one_rank(tiny_dir, token_rm_dir, one_rank, run):
             torch.testing.assert_close(torch.tensor(x[key]), torch.tensor(y[key]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selection", ["per_response", "global", "random"])
 def test_token_score_dataset_reads_it(tiny_pairs, one_rank, selection):
     from openrlhf_sepo.datasets import TokenScoreDataset
@@ -143,6 +146,7 @@ def test_token_score_dataset_reads_it(tiny_pairs, one_rank, selection):
             assert not mask[0, : prompt_len - 1].any()  # log-prob layout: column t is token t + 1; no prompt token
 
 
+@pytest.mark.slow
 def test_rescoring_with_another_scorer_needs_overwrite(tiny_dir, token_rm_dir, one_rank, tmp_path):
     oracle_ref = ["--oracle.model_name_or_path", os.path.join(tiny_dir, "base"),
                   "--ref.model_name_or_path", os.path.join(tiny_dir, "base"),
@@ -166,8 +170,8 @@ def test_bad_flags_fail_before_any_weights_load(tiny_dir, token_rm_dir, tmp_path
     def no_weights(*args, **kwargs):
         raise AssertionError("model weights were loaded before the flags were checked")
 
-    monkeypatch.setattr(score_tokens, "load_token_rm", no_weights)
-    monkeypatch.setattr(score_tokens, "load_model", no_weights)
+    monkeypatch.setattr(engine, "load_token_rm", no_weights)
+    monkeypatch.setattr(engine, "load_model", no_weights)
     out = tmp_path / "out"
     data = ["--data.dataset", os.path.join(tiny_dir, "pairs.jsonl"), "--output_dir", str(out)]
     base = os.path.join(tiny_dir, "base")
@@ -194,6 +198,7 @@ def test_bad_flags_fail_before_any_weights_load(tiny_dir, token_rm_dir, tmp_path
     assert not os.path.exists(out)  # nothing written before the checks
 
 
+@pytest.mark.slow
 def test_launcher_takes_the_token_rm_scorer():
     """The launcher's defaults name the oracle and the reference; --scorer token_rm on its command line replaces
     them (and the output dir) with the token RM's, so score_tokens accepts the command it runs."""

@@ -8,8 +8,9 @@ import torch
 
 import openrlhf_sepo  # noqa: F401  (flash-attn placeholder before OpenRLHF)
 from openrlhf_sepo import tiny
-from openrlhf_sepo.datasets import DataStrategy
+from openrlhf_sepo.rows import DataStrategy, RowTokenizer
 from openrlhf_sepo.scoring import label_logprobs, num_selected, select_key_tokens, token_scores
+from openrlhf_sepo.skips import Skip, SkipCounter
 
 
 # ----------------------------------------------------------------------------------------------- selection
@@ -149,8 +150,6 @@ def test_row_tokenizer_ids_equal_openrlhf_reward_dataset(tiny_dir, shape):
 
     from transformers import AutoTokenizer
 
-    from openrlhf_sepo.cli.score_tokens import RowTokenizer
-
     path = tiny.write_preference_data(os.path.join(tiny_dir, f"ids_{shape}.jsonl"), 12, seed=5, shape=shape)
     rows = [json.loads(line) for line in open(path)]
     # A prompt too long for max_len in the middle: RewardDataset drops it silently, RowTokenizer names it.
@@ -168,7 +167,7 @@ def test_row_tokenizer_ids_equal_openrlhf_reward_dataset(tiny_dir, shape):
 
     row_tok = RowTokenizer(AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "tokenizer")), strategy)
     results = [row_tok.encode(r) for r in rows]
-    assert results[4][0] == "prompt_too_long"
+    assert isinstance(results[4], Skip) and results[4].reason == "prompt_too_long"
     kept = [(c, r, p) for p, c, r in (res for i, res in enumerate(results) if i != 4)]
     assert kept == expected
     assert all(c[-1] == tok.eos_token_id and r[-1] == tok.eos_token_id for c, r, _ in kept)
@@ -176,8 +175,6 @@ def test_row_tokenizer_ids_equal_openrlhf_reward_dataset(tiny_dir, shape):
 
 def test_row_tokenizer_names_every_bad_row(tiny_dir):
     from transformers import AutoTokenizer
-
-    from openrlhf_sepo.cli.score_tokens import RowTokenizer
 
     tok = AutoTokenizer.from_pretrained(os.path.join(tiny_dir, "tokenizer"))
     plain = RowTokenizer(tok, _strategy(prompt_key="prompt", max_len=64))
@@ -192,8 +189,8 @@ def test_row_tokenizer_names_every_bad_row(tiny_dir):
     }
     for reason, row in cases.items():
         got = plain.encode(row)
-        assert got[0] == reason, (reason, got)
-        assert isinstance(got[1], str) and got[1]
+        assert isinstance(got, Skip) and got.reason == reason, (reason, got)
+        assert isinstance(got.message, str) and got.message
     # Within max_len, a prompt must leave more than 2 response tokens (RewardDataset's own rule); a long
     # response is then truncated to what is left, EOS forced at the end.
     n_prompt = len(tok(good["prompt"], add_special_tokens=False)["input_ids"])
@@ -211,3 +208,34 @@ def test_row_tokenizer_names_every_bad_row(tiny_dir):
     assert chat.encode({"chosen": msg("Clear."), "rejected": "not a message list"})[0] == "non_text"
     assert chat.encode({"chosen": msg(""), "rejected": msg("Wrong.")})[0] == "empty_response"
     assert isinstance(chat.encode({"chosen": msg("Clear."), "rejected": msg("Wrong.")})[0], int)
+
+
+def test_skip_counter_counts_keeps_the_first_examples_and_reports():
+    skips = SkipCounter(("declared", "other"), kept=2)
+    for index, reason in enumerate(["seen", "declared", "seen", "seen"]):
+        skips.add(index, Skip(reason, f"message {index}"))
+    assert skips.counts == {"declared": 1, "other": 0, "seen": 3} and skips.total == 4
+    assert skips.examples == {"seen": [(0, "message 0"), (2, "message 2")], "declared": [(1, "message 1")]}
+    assert skips.report() == ["  skipped 3 (seen), e.g. row 0: message 0", "  skipped 1 (declared), e.g. row 1: message 1"]
+    assert skips.labelled_examples()["seen"] == ["row 0: message 0", "row 2: message 2"]
+    # Shard records (by row index) merge back in shard order: counts summed, the first `kept` examples per reason.
+    assert [r["index"] for r in skips.to_records()] == [0, 1, 2]  # the kept examples
+    merged = SkipCounter(("declared", "other"), kept=2)
+    merged.add_records({"seen": 1}, [{"index": 0, "reason": "seen", "message": "first shard"}])
+    merged.add_records(skips.counts, skips.to_records())
+    assert merged.counts == {"declared": 1, "other": 0, "seen": 4}
+    assert merged.examples == {"seen": [(0, "first shard"), (0, "message 0")], "declared": [(1, "message 1")]}
+
+
+def test_moved_names_keep_their_old_import_paths():
+    """rows / scores_dir / score_tokens / wmle_data / wmle_trainer hold them now; the old paths re-export them."""
+    from openrlhf_sepo import datasets, rows, score_tokens, scores_dir, wmle, wmle_data, wmle_trainer
+    from openrlhf_sepo.cli import score_tokens as cli
+
+    assert datasets.DataStrategy is rows.DataStrategy and cli.RowTokenizer is rows.RowTokenizer
+    assert datasets.ScoreDataError is scores_dir.ScoreDataError and datasets.read_manifest is scores_dir.read_manifest
+    assert (cli.load_model, cli.load_tokenizer, cli.make_batches, cli.KILL_AFTER_SHARDS_ENV) == (
+        score_tokens.load_model, score_tokens.load_tokenizer, score_tokens.make_batches,
+        score_tokens.KILL_AFTER_SHARDS_ENV)
+    assert wmle.WeightedSFTDataset is wmle_data.WeightedSFTDataset
+    assert wmle.WeightedMLETrainer is wmle_trainer.WeightedMLETrainer

@@ -251,6 +251,9 @@ def test_two_rank_run_logs_learns_and_saves_a_loadable_token_rm(tiny_dir, traine
         assert [s for s, _ in logs[f"eval/{metric}"]] == [2, 4, 6], metric
     assert all(0 <= v <= 1 for _, v in logs["eval/acc_mean"]) and all(-1 <= v <= 1 for _, v in logs["eval/kendall_tau"])
     assert all(0 < v < softplus(1) for _, v in logs["train/token_reward_mean"])
+    # and on the console: the progress bar shows them next to OpenRLHF's loss and acc
+    for metric in ("loss", "acc", "token_reward_mean", "token_reward_std"):
+        assert f"{metric}=" in trained_rm.log, metric
 
     # It learned: ListMLE on its training lists fell below the base model's with a fresh head.
     rows = tiny.make_ranked_lists(48, k=4, seed=5)
@@ -284,15 +287,26 @@ def test_resume_continues_at_the_right_step(tiny_dir, trained_rm, run, tb_scalar
     assert [s for s, _ in tb_scalars(tb)["train/loss"]] == [5, 6]
 
 
-def test_bad_data_stops_before_the_model_loads(tiny_dir, run, tmp_path):
+def test_bad_data_stops_before_the_model_loads(tiny_dir, tmp_path, capsys, monkeypatch):
+    """In this process: OpenRLHF's strategy as get_strategy builds it (no distributed set-up) and model loaders
+    that raise, so a run that gets as far as loading the model fails the test."""
+    from openrlhf.utils import get_strategy
+
+    from openrlhf_sepo import token_rm_trainer, training
+    from openrlhf_sepo.cli import train_token_rm
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(training, "setup_strategy", get_strategy)
+    monkeypatch.setattr(training, "load_actor", must_not_load)
+    monkeypatch.setattr(token_rm_trainer, "load_for_training", must_not_load)
     path = tmp_path / "lists.jsonl"
     path.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "scores": [1, 1]}) + "\n")
-    proc = run("openrlhf_sepo.cli.train_token_rm", [
-        "--model.model_name_or_path", os.path.join(tiny_dir, "base"), "--data.dataset", str(path),
-        "--data.prompt_key", "prompt", *TINY], check=False)
-    assert proc.returncode != 0
-    assert "train_token_rm: error: --data.dataset: no usable row (skipped by reason: {'all_tied': 1})" in proc.stdout
-    assert "Traceback" not in proc.stdout and "CriticModel" not in proc.stdout
+    assert train_token_rm.main(["--model.model_name_or_path", os.path.join(tiny_dir, "base"), "--data.dataset",
+                                str(path), "--data.prompt_key", "prompt", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "train_token_rm: error: --data.dataset: no usable row (skipped by reason: {'all_tied': 1})" in err
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -5,6 +5,7 @@ are refused with a message naming the dir, the row or the setting."""
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -199,6 +200,28 @@ def test_bad_rows_are_named(tiny_pairs, tmp_path, write_score_dir):
     ok = write_score_dir(str(tmp_path / "long"), tokenizer, rows[:4], id_score)
     with pytest.raises(ScoreDataError, match=f"longer than --data.max_len {longest - 1}"):
         TokenScoreDataset(ok, tokenizer, longest - 1)
+
+
+def test_format_version_is_checked_and_dirs_from_before_it_load(tiny_pairs, score_dir, tmp_path, write_score_dir):
+    tokenizer, rows = tiny_pairs
+    out = write_score_dir(str(tmp_path), tokenizer, rows[:4], id_score)
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    assert (manifest["format"], manifest["format_version"]) == ("openrlhf-sepo token scores", 1)
+    fresh = TokenScoreDataset(out, tokenizer, 128)
+    # A manifest as written before the format fields existed: read as version 1, same items.
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in manifest.items() if k not in ("format", "format_version")}, f)
+    old = TokenScoreDataset(out, tokenizer, 128)
+    assert len(old) == len(fresh) == 4
+    assert all(torch.equal(a, b) for i in range(4) for a, b in zip(old[i][5:], fresh[i][5:]))
+    for field, value in (("format_version", 2), ("format", "someone else's scores")):
+        with open(path, "w") as f:
+            json.dump({**manifest, field: value}, f)
+        with pytest.raises(ScoreDataError, match=f"scores dir {re.escape(repr(out))} is in format .*{value}.* but this openrlhf-sepo "
+                                                 "reads 'openrlhf-sepo token scores' version 1"):
+            TokenScoreDataset(out, tokenizer, 128)
 
 
 def test_incomplete_scoring_is_refused(tiny_pairs, score_dir, tmp_path, write_score_dir):

@@ -125,14 +125,30 @@ def test_resume_continues_at_the_right_step_with_eval_and_nll(tiny_dir, trained,
     assert all(0 < v < 10 for _, v in logs["train/nll_loss"] + logs["eval/eval_loss"])
 
 
-def test_tokenizer_mismatch_stops_before_the_model_loads(tiny_dir, write_scores, run, tmp_path):
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """training.fit in this process: OpenRLHF's strategy as get_strategy builds it (no distributed set-up) and a
+    model loader that raises, so a run that gets as far as loading the model fails the test."""
+    from openrlhf.utils import get_strategy
+
+    from openrlhf_sepo import training
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(training, "setup_strategy", get_strategy)
+    monkeypatch.setattr(training, "load_actor", must_not_load)
+
+
+def test_tokenizer_mismatch_stops_before_the_model_loads(tiny_dir, write_scores, tmp_path, capsys, no_model_loads):
+    from openrlhf_sepo.cli import train_sepo
+
     scores = write_scores(str(tmp_path / "scores"), fingerprint="0123456789abcdef")
-    proc = run("openrlhf_sepo.cli.train_sepo", ["--model.model_name_or_path", os.path.join(tiny_dir, "base"),
-                                                 "--data.dataset", scores, *TINY], check=False)
-    assert proc.returncode != 0
-    assert "train_sepo: error:" in proc.stdout and "fingerprint 0123456789abcdef" in proc.stdout
-    assert "Re-score with the policy's tokenizer" in proc.stdout
-    assert "LlamaForCausalLM" not in proc.stdout and "Traceback" not in proc.stdout
+    assert train_sepo.main(["--model.model_name_or_path", os.path.join(tiny_dir, "base"), "--data.dataset", scores,
+                            *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "train_sepo: error:" in err and "fingerprint 0123456789abcdef" in err
+    assert "Re-score with the policy's tokenizer" in err
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -185,7 +201,7 @@ def test_selection_flags_reach_the_dataset(tiny_dir, tiny_pairs, write_scores, t
     scores = write_scores(str(tmp_path / "scores"))
     args = train_sepo.parse_args(["--model.model_name_or_path", os.path.join(tiny_dir, "base"),
                                   "--data.dataset", scores, *TINY, *flags])
-    ds = train_sepo._score_dataset(args.data.dataset, tokenizer, None, args, args.data.max_samples)
+    ds = train_sepo.score_dataset(args, tokenizer, None)
     assert (ds.selection, ds.exclude_common_prefix, ds.seed) == (selection, exclude, seed)
     direct = TokenScoreDataset(scores, tokenizer, 128, selection=selection, exclude_common_prefix=exclude, seed=seed)
     for side in ("chosen", "rejected"):

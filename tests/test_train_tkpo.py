@@ -144,6 +144,9 @@ def test_two_rank_run_logs_every_tkpo_metric_and_saves_a_loadable_model(trained,
     ce = [v for _, v in logs["train/ce_loss"]]
     assert ce[-1] < ce[0]
     assert [s for s, _ in logs["eval/eval gpt_loss"]] == [3, 6]
+    # and on the console: the progress bar shows them next to OpenRLHF's gpt_loss
+    for metric in ("gpt_loss", "ce_loss", "tkpo_loss", "r_mean", "gold_rank"):
+        assert f"{metric}=" in trained.log, metric
 
 
 @pytest.mark.slow
@@ -174,17 +177,27 @@ def test_one_rank_with_a_counterfactual_column_and_gradient_through_negatives(st
     assert "CounterfactualSFTDataset (--data.dataset): 16 of 16 rows kept" in proc.stdout
 
 
-def test_bad_data_stops_before_the_model_loads(style_dir, run, tmp_path):
+def test_bad_data_stops_before_the_model_loads(style_dir, tmp_path, capsys, monkeypatch):
+    """In this process: OpenRLHF's strategy as get_strategy builds it (no distributed set-up) and a model loader
+    that raises, so a run that gets as far as loading the model fails the test."""
+    from openrlhf.utils import get_strategy
+
+    from openrlhf_sepo import training
+    from openrlhf_sepo.cli import train_tkpo
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(training, "setup_strategy", get_strategy)
+    monkeypatch.setattr(training, "load_actor", must_not_load)
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({**r, "style": "gothic"}) + "\n" for r in tiny.make_style_rows(4, seed=6)))
-    proc = run("openrlhf_sepo.cli.train_tkpo", [
+    assert train_tkpo.main([
         "--model.model_name_or_path", str(style_dir / "base"), "--data.dataset", str(path), "--data.input_key",
-        "prompt", "--data.output_key", "response", "--tkpo.attribute_key", "style", "--tkpo.swap_map", SWAP, *TINY],
-        check=False)
-    assert proc.returncode != 0
+        "prompt", "--data.output_key", "response", "--tkpo.attribute_key", "style", "--tkpo.swap_map", SWAP,
+        *TINY]) == 1
     assert ("train_tkpo: error: --data.dataset: no usable row (skipped by reason: "
-            "{'attribute_not_in_swap_map': 4})") in proc.stdout
-    assert "Traceback" not in proc.stdout and "LlamaForCausalLM" not in proc.stdout
+            "{'attribute_not_in_swap_map': 4})") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,message", [

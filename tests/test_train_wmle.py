@@ -12,8 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from openrlhf_sepo.datasets import ScoreDataError
-from openrlhf_sepo.wmle import WeightedSFTDataset, token_weights
+from openrlhf_sepo.scores_dir import ScoreDataError
+from openrlhf_sepo.wmle import token_weights
+from openrlhf_sepo.wmle_data import WeightedSFTDataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "examples", "scripts", "train_wmle_llama.sh")
@@ -153,7 +154,7 @@ def test_openrlhf_sft_loss_on_the_weights_is_the_weighted_mle(tiny_dir, tiny_pai
     from openrlhf.models import Actor, SFTLoss
     from openrlhf.utils.loss_utils import iter_grad_accum_global_norm
 
-    from openrlhf_sepo.wmle import WeightedMLETrainer
+    from openrlhf_sepo.wmle_trainer import WeightedMLETrainer
 
     tokenizer, _ = tiny_pairs
     dataset = WeightedSFTDataset(scores_dir, tokenizer, 128, weight="exp", reward_to_go=True)
@@ -288,14 +289,30 @@ def test_resume_continues_at_the_right_step_with_eval(tiny_dir, tiny_pairs, scor
 
 # (e) bad input
 
-def test_negative_reward_stops_before_the_model_loads(tiny_dir, negative_dir, run):
-    proc = run("openrlhf_sepo.cli.train_wmle", ["--model.model_name_or_path", os.path.join(tiny_dir, "base"),
-                                                 "--data.dataset", negative_dir, *TINY], check=False)
-    assert proc.returncode != 0
-    assert "train_wmle: error:" in proc.stdout and "chosen side" in proc.stdout
-    assert "has a negative token reward" in proc.stdout and "row 3" in proc.stdout
-    assert "use --wmle.weight exp" in proc.stdout
-    assert "LlamaForCausalLM" not in proc.stdout and "Traceback" not in proc.stdout
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """training.fit in this process: OpenRLHF's strategy as get_strategy builds it (no distributed set-up) and a
+    model loader that raises, so a run that gets as far as loading the model fails the test."""
+    from openrlhf.utils import get_strategy
+
+    from openrlhf_sepo import training
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(training, "setup_strategy", get_strategy)
+    monkeypatch.setattr(training, "load_actor", must_not_load)
+
+
+def test_negative_reward_stops_before_the_model_loads(tiny_dir, negative_dir, capsys, no_model_loads):
+    from openrlhf_sepo.cli import train_wmle
+
+    assert train_wmle.main(["--model.model_name_or_path", os.path.join(tiny_dir, "base"), "--data.dataset",
+                            negative_dir, *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "train_wmle: error:" in err and "chosen side" in err
+    assert "has a negative token reward" in err and "row 3" in err
+    assert "use --wmle.weight exp" in err
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -331,5 +348,5 @@ def test_parser_keeps_train_sft_names_and_defaults(tiny_dir, tiny_pairs, scores_
     tokenizer, _ = tiny_pairs
     args = train_wmle.parse_args(["--model.model_name_or_path", os.path.join(tiny_dir, "base"), "--data.dataset",
                                   scores_dir, "--wmle.side", "rejected", "--wmle.weight", "exp", "--wmle.reward_to_go"])
-    ds = train_wmle._weighted_dataset(args.data.dataset, tokenizer, None, args, args.data.max_samples)
+    ds = train_wmle.weighted_dataset(args, tokenizer, None)
     assert (ds.side, ds.weight, ds.reward_to_go, ds.max_length) == ("rejected", "exp", True, 2048)

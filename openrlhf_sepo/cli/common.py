@@ -1,10 +1,23 @@
-"""What the package's trainers (``train_sepo``, ``train_wmle``, ``train_token_rm``, ``train_tkpo``) share with OpenRLHF's
-``train_*`` entrypoints: the checkpoint, DeepSpeed, optimizer, scheduler and logger flags (OpenRLHF's names; the
-defaults that differ between OpenRLHF's entrypoints are arguments), the policy model of those that train one, the
-dataloaders, and the optimizer set-up with resume from an OpenRLHF checkpoint."""
+"""What the package's trainers' front doors (``train_sepo``, ``train_wmle``, ``train_token_rm``, ``train_tkpo``) share
+with OpenRLHF's ``train_*`` entrypoints: the checkpoint, DeepSpeed, optimizer, scheduler and logger flags (OpenRLHF's
+names; the defaults that differ between OpenRLHF's entrypoints are arguments), the flag groups some of them take
+(LoRA, packing, OpenRLHF's data-file flags), the checks every one makes, and the exit on a data error. The run itself
+is ``openrlhf_sepo.training.fit``."""
 
-import os
+import argparse
+import sys
 from datetime import datetime
+
+
+def training_parser(prog: str, doc: str, liger: bool = True, **training_defaults):
+    """(parser, its ``add_argument``): an entrypoint's parser (``prog``, described by ``doc``'s first line) with
+    ``add_training_flags(**training_defaults)``, then ``--ds.use_liger_kernel`` with ``liger``."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    add = parser.add_argument
+    add_training_flags(add, **training_defaults)
+    if liger:
+        add("--ds.use_liger_kernel", action="store_true", default=False)
+    return parser, add
 
 
 def add_training_flags(add, *, name: str, run_prefix: str, lr: float, micro_batch_size: int, max_epochs: int,
@@ -81,62 +94,80 @@ def add_training_flags(add, *, name: str, run_prefix: str, lr: float, micro_batc
     add("--logger.tensorboard_dir", type=str, default=None)
 
 
-def load_actor(args, strategy, actor_class=None):
-    """(OpenRLHF ``Actor`` (or ``actor_class``, a subclass) built from the ``--model.*`` / ``--ds.*`` flags as
-    ``train_dpo`` and ``train_sft`` build it, its tokenizer (right padding)); gradient checkpointing on with
-    ``--model.gradient_checkpointing_enable``."""
-    from openrlhf.models import Actor
-    from openrlhf.utils import get_tokenizer
-
-    model = (actor_class or Actor)(
-        args.model.model_name_or_path,
-        attn_implementation=args.ds.attn_implementation,
-        experts_implementation=args.ds.experts_implementation,
-        param_dtype=args.ds.param_dtype,
-        load_in_4bit=args.ds.load_in_4bit,
-        lora_rank=args.ds.lora.rank,
-        lora_alpha=args.ds.lora.alpha,
-        lora_dropout=args.ds.lora.dropout,
-        target_modules=args.ds.lora.target_modules,
-        ds_config=strategy.get_ds_train_config(),
-        packing_samples=args.ds.packing_samples,
-        use_liger_kernel=args.ds.use_liger_kernel,
-    )
-    tokenizer = get_tokenizer(args.model.model_name_or_path, model.model, "right", strategy,
-                              use_fast=not args.data.disable_fast_tokenizer)
-    strategy.print(model)
-    if args.model.gradient_checkpointing_enable:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": args.model.gradient_checkpointing_reentrant}
-        )
-    return model, tokenizer
+def add_lora_flags(add):
+    """4-bit loading and LoRA (OpenRLHF's, through its ``Actor``)."""
+    add("--ds.load_in_4bit", action="store_true", default=False)
+    add("--ds.lora.rank", type=int, default=0)
+    add("--ds.lora.alpha", type=int, default=16)
+    add("--ds.lora.target_modules", type=str, nargs="*", default="all-linear")
+    add("--ds.lora.dropout", type=float, default=0)
 
 
-def setup_dataloaders(strategy, args, train_dataset, eval_dataset=None):
-    """(train, eval) dataloaders as OpenRLHF's entrypoints build them (eval: in order, last batch kept; None
-    without an eval data set)."""
-    train = strategy.setup_dataloader(train_dataset, args.train.micro_batch_size, True, True,
-                                      train_dataset.collate_fn, num_workers=args.data.dataloader_num_workers)
-    if eval_dataset is None:
-        return train, None
-    return train, strategy.setup_dataloader(eval_dataset, args.train.micro_batch_size, True, False,
-                                            eval_dataset.collate_fn, drop_last=False,
-                                            num_workers=args.data.dataloader_num_workers)
+def add_actor_flags(add):
+    """Context parallel, LoRA, packing (OpenRLHF's, through its ``Actor``), in ``train_dpo``'s order."""
+    add("--ds.ring_attn_size", type=int, default=1)
+    add("--ds.ring_attn_head_stride", type=int, default=1)
+    add_lora_flags(add)
+    add("--ds.packing_samples", action="store_true", default=False)
 
 
-def prepare_and_resume(strategy, model, args, max_steps, engine=lambda prepared: prepared):
-    """(model, optimizer, scheduler, consumed_samples): OpenRLHF's optimizer and scheduler for ``max_steps`` through
-    ``strategy.prepare``, then, with ``--ckpt.load_enable``, the latest checkpoint under ``--ckpt.path`` loaded into
-    ``engine(model)`` (the DeepSpeed engine: ``Actor.model`` for an Actor, the model itself otherwise)."""
-    cfg = dict(optim=args.optim, muon=vars(args.muon), adam=vars(args.adam), lr_scheduler=args.lr_scheduler,
-               lr_warmup_ratio=args.lr_warmup_ratio, min_lr_ratio=args.min_lr_ratio, max_norm=args.max_norm,
-               scheduler_steps=max_steps)
-    model, optim, scheduler = strategy.prepare((model, cfg))
-    consumed_samples = 0
-    if args.ckpt.load_enable and os.path.exists(args.ckpt.path):
-        load_path, states = strategy.load_ckpt(engine(model), args.ckpt.path)
-        if load_path is not None:
-            consumed_samples = states["consumed_samples"]
-            strategy.print(f"Loaded the checkpoint: {args.ckpt.path}, consumed_samples: {consumed_samples}")
-    os.makedirs(args.ckpt.output_dir, exist_ok=True)
-    return model, optim, scheduler, consumed_samples
+def add_data_file_flags(add):
+    """How OpenRLHF's ``blending_datasets`` reads ``--data.dataset`` / ``--eval.dataset``."""
+    add("--data.dataset_probs", type=str, default=None)
+    add("--data.dataset_split", type=str, default="train")
+    add("--eval.split", type=str, default="train")
+
+
+def add_template_flags(add, input_template):
+    """How OpenRLHF's data sets make a prompt: ``--data.input_template`` (default ``input_template``), the chat
+    template."""
+    add("--data.input_template", type=str, default=input_template)
+    add("--data.apply_chat_template", action="store_true", default=False)
+    add("--data.tokenizer_chat_template", type=str, default=None)
+
+
+def parse_training_args(parser, argv, data_required: str = ""):
+    """The nested args (OpenRLHF's ``hierarchize``) of ``argv``; ``--model.model_name_or_path`` and
+    ``--data.dataset`` required (``data_required``: what the error adds about the latter)."""
+    from openrlhf.utils.config import hierarchize
+
+    args = hierarchize(parser.parse_args(argv))
+    if not args.model.model_name_or_path:
+        parser.error("--model.model_name_or_path is required")
+    if not args.data.dataset:
+        parser.error(f"--data.dataset is required{data_required}")
+    return args
+
+
+def check_positive(parser, flag: str, value) -> None:
+    if not value > 0:
+        parser.error(f"{flag} must be > 0, got {value}")
+
+
+def check_packing(parser, args):
+    if args.ds.ring_attn_size > 1 and not args.ds.packing_samples:
+        parser.error("--ds.ring_attn_size > 1 needs --ds.packing_samples")
+
+
+def check_score_dirs(parser, args):
+    """Every dir of ``--data.dataset`` / ``--eval.dataset`` (comma-separated) is a readable scores dir."""
+    from openrlhf_sepo.scores_dir import ScoreDataError, read_manifest
+
+    for flag, spec in (("--data.dataset", args.data.dataset), ("--eval.dataset", args.eval.dataset)):
+        for score_dir in (spec or "").split(","):
+            if score_dir.strip():
+                try:
+                    read_manifest(score_dir.strip())
+                except ScoreDataError as e:
+                    parser.error(f"{flag}: {e}")
+
+
+def exit_on(errors, prog: str, call) -> int:
+    """``call()``; 0, or 1 with ``<prog>: error: <message>`` on stderr when it raises one of ``errors`` (bad data
+    or too little of it: the message names the flag)."""
+    try:
+        call()
+    except errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0

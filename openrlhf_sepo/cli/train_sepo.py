@@ -9,11 +9,11 @@ tokenization flags (``--data.prompt_key`` ... ``--data.tokenizer_chat_template``
 """
 
 import argparse
-import math
 import sys
 
-from openrlhf_sepo.cli.common import add_training_flags, load_actor, prepare_and_resume, setup_dataloaders
-from openrlhf_sepo.datasets import SELECTION_MODES, ScoreDataError, TokenScoreDataset, read_manifest
+from openrlhf_sepo.cli.common import (add_actor_flags, check_packing, check_positive, check_score_dirs, exit_on,
+                                      parse_training_args, training_parser)
+from openrlhf_sepo.datasets import SELECTION_MODES
 
 
 def selection_ratio(text: str) -> float:
@@ -29,13 +29,10 @@ def selection_ratio(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The train_sepo argument parser (flat dotted names, as OpenRLHF's; ``hierarchize`` nests them)."""
-    parser = argparse.ArgumentParser(prog="train_sepo", description=__doc__.split("\n")[0])
-    add = parser.add_argument
-    add_training_flags(add, name="sepo", run_prefix="exp", lr=1e-5, micro_batch_size=8, max_epochs=1, max_len=512,
-                       model_help="the policy's start (e.g. the SFT model)",
-                       data_help="score_tokens output dir(s), comma-separated",
-                       eval_help="score_tokens output dir(s) for evaluation")
-    add("--ds.use_liger_kernel", action="store_true", default=False)
+    parser, add = training_parser(
+        "train_sepo", __doc__, name="sepo", run_prefix="exp", lr=1e-5, micro_batch_size=8, max_epochs=1, max_len=512,
+        model_help="the policy's start (e.g. the SFT model)", data_help="score_tokens output dir(s), comma-separated",
+        eval_help="score_tokens output dir(s) for evaluation")
 
     # OpenRLHF's NLL term. Default 1, not train_dpo's 0: SePO has no reference model to anchor the policy, and on the benchmark
     # (docs/benchmark.md) every preference-only loss broke the answer format at every learning rate tried,
@@ -57,45 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sepo.full_logits", action="store_true", default=False,
         help="run the LM head and log-softmax at every position (OpenRLHF's Actor.forward); default: only where a "
              "log-prob is read (the selected tokens, and the chosen response for the NLL term)")
-
-    # Context parallel, LoRA, packing (OpenRLHF's, through its Actor)
-    add("--ds.ring_attn_size", type=int, default=1)
-    add("--ds.ring_attn_head_stride", type=int, default=1)
-    add("--ds.load_in_4bit", action="store_true", default=False)
-    add("--ds.lora.rank", type=int, default=0)
-    add("--ds.lora.alpha", type=int, default=16)
-    add("--ds.lora.target_modules", type=str, nargs="*", default="all-linear")
-    add("--ds.lora.dropout", type=float, default=0)
-    add("--ds.packing_samples", action="store_true", default=False)
+    add_actor_flags(add)
     return parser
 
 
 def parse_args(argv=None):
     """Parse and check everything that can be checked without a model, so bad input fails before training."""
-    from openrlhf.utils.config import hierarchize
-
     parser = build_parser()
-    flat = parser.parse_args(argv)
-    args = hierarchize(flat)
-    if not args.model.model_name_or_path:
-        parser.error("--model.model_name_or_path is required")
-    if not args.data.dataset:
-        parser.error("--data.dataset is required (score_tokens output dir(s))")
-    if not args.sepo.beta > 0:
-        parser.error(f"--sepo.beta must be > 0, got {args.sepo.beta}")
-    if args.ds.ring_attn_size > 1 and not args.ds.packing_samples:
-        parser.error("--ds.ring_attn_size > 1 needs --ds.packing_samples")
-    for flag, spec in (("--data.dataset", args.data.dataset), ("--eval.dataset", args.eval.dataset)):
-        for score_dir in (spec or "").split(","):
-            if score_dir.strip():
-                try:
-                    read_manifest(score_dir.strip())
-                except ScoreDataError as e:
-                    parser.error(f"{flag}: {e}")
+    args = parse_training_args(parser, argv, " (score_tokens output dir(s))")
+    check_positive(parser, "--sepo.beta", args.sepo.beta)
+    check_packing(parser, args)
+    check_score_dirs(parser, args)
     return args
 
 
-def _score_dataset(spec, tokenizer, strategy, args, max_samples):
+def score_dataset(args, tokenizer, strategy, evaluation=False):
+    """The ``TokenScoreDataset`` of ``--data.dataset`` (or ``--eval.dataset``) with the ``--sepo.*`` selection."""
+    from openrlhf_sepo.datasets import TokenScoreDataset
+    from openrlhf_sepo.training import data_source
+
+    spec, max_samples, _ = data_source(args, evaluation)
     return TokenScoreDataset(
         spec, tokenizer, args.data.max_len, strategy,
         k_chosen=args.sepo.k_chosen, k_rejected=args.sepo.k_rejected, selection=args.sepo.selection,
@@ -103,62 +81,23 @@ def _score_dataset(spec, tokenizer, strategy, args, max_samples):
     )
 
 
-def train(args):
-    """train_dpo's wiring with a TokenScoreDataset, a SelectiveDPOTrainer and no reference model.
-
-    The data is loaded before the model, so a tokenizer mismatch or a bad row fails in seconds.
-    """
-    from openrlhf.utils import get_strategy, get_tokenizer
-
+def sepo_trainer(args, **parts):
     from openrlhf_sepo.trainer import SelectiveDPOTrainer
 
-    strategy = get_strategy(args)
-    strategy.setup_distributed()
-
-    use_fast = not args.data.disable_fast_tokenizer
-    tokenizer = get_tokenizer(args.model.model_name_or_path, None, "right", strategy, use_fast=use_fast)
-    train_dataset = _score_dataset(args.data.dataset, tokenizer, strategy, args, args.data.max_samples)
-    eval_dataset = _score_dataset(args.eval.dataset, tokenizer, strategy, args, 100000000) if args.eval.dataset else None
-    num_update_steps_per_epoch = len(train_dataset) // args.train.batch_size
-    if num_update_steps_per_epoch < 1:
-        raise ScoreDataError(
-            f"{len(train_dataset)} training pairs is fewer than one --train.batch_size ({args.train.batch_size})"
-        )
-
-    model, tokenizer = load_actor(args, strategy)
-
-    train_dataloader, eval_dataloader = setup_dataloaders(strategy, args, train_dataset, eval_dataset)
-    max_steps = math.ceil(args.train.max_epochs * num_update_steps_per_epoch)
-    model, optim, scheduler, consumed_samples = prepare_and_resume(strategy, model, args, max_steps,
-                                                                   engine=lambda actor: actor.model)
-
-    trainer = SelectiveDPOTrainer(
-        model=model,
-        strategy=strategy,
-        tokenizer=tokenizer,
-        optim=optim,
-        train_dataloader=train_dataloader,
-        eval_dataloader=eval_dataloader,
-        scheduler=scheduler,
-        max_norm=args.max_norm,
-        beta=args.sepo.beta,
-        gamma=args.sepo.gamma,
-        full_logits=args.sepo.full_logits,
-        max_epochs=args.train.max_epochs,
-        save_hf_ckpt=args.ckpt.save_hf,
-        disable_ds_ckpt=args.ckpt.disable_ds,
-    )
-    trainer.fit(args, consumed_samples, num_update_steps_per_epoch)
-    strategy.save_model(model, tokenizer, args.ckpt.output_dir)
+    return SelectiveDPOTrainer(**parts, max_norm=args.max_norm, beta=args.sepo.beta, gamma=args.sepo.gamma,
+                               full_logits=args.sepo.full_logits, max_epochs=args.train.max_epochs,
+                               save_hf_ckpt=args.ckpt.save_hf, disable_ds_ckpt=args.ckpt.disable_ds)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """train_dpo's run (``training.fit``) with a TokenScoreDataset, a SelectiveDPOTrainer and no reference model."""
+    from openrlhf_sepo import training
+    from openrlhf_sepo.scores_dir import ScoreDataError
+
     args = parse_args(argv)
-    try:
-        train(args)
-    except ScoreDataError as e:
-        sys.exit(f"train_sepo: error: {e}")
+    return exit_on(ScoreDataError, "train_sepo", lambda: training.fit(
+        args, score_dataset, sepo_trainer, what="pairs", error=ScoreDataError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,78 +12,17 @@ OpenRLHF spot (openrlhf/utils/deepspeed/deepspeed.py)  on CPU
 ``save_model`` / ``save_ckpt``: ``torch.cuda.synchronize``  no-op (CPU ops are synchronous)
 =====================================================  =========================================
 
+The patches are OpenRLHF touch points, so they live in ``openrlhf_sepo.openrlhf_internals``
+(``patch_strategy_for_cpu``, ``CUDA_METHODS``, ``cuda_calls_on_cpu``); this package is the runtime's entrypoint.
 DeepSpeed itself picks its CPU accelerator and the gloo backend (``DS_ACCELERATOR=cpu``).
 On a machine with CUDA nothing is patched: behaviour on GPUs is OpenRLHF's, unchanged.
 """
 
-import contextlib
-import functools
 import os
 
-import torch
+from openrlhf_sepo.openrlhf_internals import patch_strategy_for_cpu as patch_openrlhf_for_cpu
 
-_PATCHED_FLAG = "_openrlhf_sepo_cpu_patched"
-# DeepspeedStrategy methods that call torch.cuda.* directly or through torch_dist_barrier_and_cuda_sync.
-_CUDA_METHODS = ("setup_distributed", "all_reduce", "all_gather", "save_model", "save_ckpt")
-
-
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-@contextlib.contextmanager
-def _cuda_calls_on_cpu():
-    """Within the block, the three torch.cuda calls OpenRLHF makes mean 'the CPU'.
-
-    Each of them would raise 'Torch not compiled with CUDA enabled' here, so giving them a CPU
-    meaning cannot change a run that would otherwise have worked.
-    """
-    saved = (torch.cuda.set_device, torch.cuda.current_device, torch.cuda.synchronize)
-    torch.cuda.set_device = lambda device=None: None
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda device=None: None
-    try:
-        yield
-    finally:
-        torch.cuda.set_device, torch.cuda.current_device, torch.cuda.synchronize = saved
-
-
-def _on_cpu(method):
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        with _cuda_calls_on_cpu():
-            return method(*args, **kwargs)
-
-    return wrapper
-
-
-def _cpu_device_mesh(init_device_mesh):
-    @functools.wraps(init_device_mesh)
-    def wrapper(device_type, *args, **kwargs):
-        return init_device_mesh("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
-
-    return wrapper
-
-
-def patch_openrlhf_for_cpu() -> bool:
-    """Patch OpenRLHF's CUDA-only spots for a CUDA-less machine. Idempotent.
-
-    Returns True if the patches are active, False on a CUDA machine (where nothing is touched).
-    """
-    if cuda_available():
-        return False
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import openrlhf_sepo  # noqa: F401  (flash-attn kernel placeholder, before OpenRLHF imports it)
-    from openrlhf.utils.deepspeed import deepspeed as ds_module
-
-    strategy_cls = ds_module.DeepspeedStrategy
-    if getattr(strategy_cls, _PATCHED_FLAG, False):
-        return True
-    for name in _CUDA_METHODS:
-        setattr(strategy_cls, name, _on_cpu(getattr(strategy_cls, name)))
-    ds_module.init_device_mesh = _cpu_device_mesh(ds_module.init_device_mesh)
-    setattr(strategy_cls, _PATCHED_FLAG, True)
-    return True
+__all__ = ["patch_openrlhf_for_cpu", "free_port", "set_single_process_rendezvous"]
 
 
 def free_port() -> int:
