@@ -9,7 +9,13 @@ runtime when there is no GPU) on the same tiny Llama and the same batch, through
 - ``dpo``:        OpenRLHF ``DPOTrainer`` (policy forward + backward, reference-model forward)
 - ``sepo_full``:  ``SelectiveDPOTrainer --sepo.full_logits`` (policy forward + backward through OpenRLHF's
   ``Actor.forward``, full logits; k = 0.3 per response)
-- ``sepo``:       ``SelectiveDPOTrainer`` as shipped: the LM head and log-softmax run at the selected positions only
+- ``sepo``:       ``SelectiveDPOTrainer --model.nll_loss_coef 0`` (the published objective): the LM head and
+  log-softmax run at the selected positions only
+- ``sepo_default``: ``SelectiveDPOTrainer`` in train_sepo's default configuration (its NLL term on, train_sepo's
+  default coefficient): the LM head and log-softmax run at every chosen response token and the selected rejected ones
+
+``dpo``, ``sepo_full`` and ``sepo`` pass ``--model.nll_loss_coef 0``, so they compare the preference losses alone
+(DPOTrainer's own default has no NLL term).
 
 Step time: wall time between consecutive batches handed to ``fit()`` after ``--warmup`` steps; the fastest
 step is compared (the least disturbed by other processes on a shared machine), the median is printed too. Peak memory:
@@ -27,7 +33,7 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("dpo", "sepo_full", "sepo")
+VARIANTS = ("dpo", "sepo_full", "sepo", "sepo_default")
 
 
 class TimedBatches:
@@ -91,9 +97,8 @@ def run_variant(opts):
         "--ds.attn_implementation", "sdpa", "--ds.zero_stage", "2",
         "--train.micro_batch_size", str(opts.pairs), "--train.batch_size", str(opts.pairs),
         "--train.max_epochs", "1", "--sepo.k_chosen", str(opts.k), "--sepo.k_rejected", str(opts.k),
-        # The preference losses alone, as DPOTrainer's: train_sepo's default NLL term reads every chosen token
-        # and so takes the full-logits forward (the sepo_full variant's cost).
-        "--model.nll_loss_coef", "0",
+        # sepo_default keeps train_sepo's default NLL term; the others compare the preference losses alone.
+        *([] if opts.variant == "sepo_default" else ["--model.nll_loss_coef", "0"]),
     ])
     args = hierarchize(flat)
     args.model.beta, args.model.label_smoothing, args.model.ipo_enable = 0.1, 0.0, False  # DPOTrainer's flags
@@ -149,7 +154,7 @@ def run_variants(script, model, passthrough, variants):
         if proc.returncode != 0 or not lines:
             sys.exit(f"variant {variant} failed:\n{proc.stdout[-4000:]}")
         results[variant] = r = json.loads(lines[-1][len("RESULT ") :])
-        print(f"{variant:>10}: step {r['step_s'] * 1000:8.1f} ms (median {r['median_s'] * 1000:.1f})   "
+        print(f"{variant:>12}: step {r['step_s'] * 1000:8.1f} ms (median {r['median_s'] * 1000:.1f})   "
               f"peak {r['peak_mib']:8.1f} MiB")
     return results
 
@@ -191,7 +196,7 @@ def main(argv=None):
                        ("hidden", "layers", "vocab", "seq", "prompt_len", "pairs", "k", "steps", "warmup", "dtype")]
         results = run_variants(os.path.abspath(__file__), model, passthrough, opts.variants.split(","))
     dpo = results.get("dpo")
-    for variant in ("sepo_full", "sepo"):
+    for variant in VARIANTS[1:]:
         if dpo and variant in results:
             r = results[variant]
             print(f"{variant}/dpo: fastest step time {r['step_s'] / dpo['step_s']:.2f}x   peak memory "

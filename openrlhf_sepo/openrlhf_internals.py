@@ -184,7 +184,12 @@ LISTED_ELSEWHERE = {
     "openrlhf_sepo.trainer.SelectiveDPOTrainer._selected_forward": (
         "Actor.model is the DeepSpeed engine of an HF causal LM accepting `output_hidden_states` and "
         "`logits_to_keep`; position ids built as Actor.forward builds them (attention cumsum - 1, padding 1). "
-        "Breaks if Actor.forward builds position ids differently (tested: both paths give the same log-probs)."),
+        "Breaks if Actor.forward builds position ids differently (tested: both paths give the same log-probs). "
+        "It also hands DPOTrainer.concatenated_forward a function in the model's place, relying on it calling "
+        "`model(input_ids, attention_mask=..., **kwargs)` once for `(per-token log-probs [2B, T-1], output)` and "
+        "reading the NLL from the chosen rows' `_get_batch_logps` mean (log-probs are computed only at the "
+        "positions that mean and SePOLoss read). Breaks if it calls the model otherwise (TypeError) or reads other "
+        "positions (tested: the NLL, loss and gradients equal the full path's)."),
     "openrlhf_sepo.evaluation.load_reward_model": (
         "get_llm_for_sequence_regression passes extra kwargs on to from_pretrained, where `dtype` outranks the "
         "`torch_dtype` OpenRLHF sets from param_dtype (bf16/fp16 only): fp32 reward models on CPU. Breaks if OpenRLHF "

@@ -15,12 +15,17 @@ keeps both loops unchanged and makes their hooks SePO's:
 - loss: ``loss_fn`` is ``SePOLoss(policy_chosen, policy_rejected, chosen_mask, rejected_mask)``, whose argument
   order matches DPOLoss's with the masks in the reference slots. Its rewards are ``beta * u``, so fit's ``acc``
   is ``u_w > u_l``.
-- selected positions only (default): SePO reads the policy's log-probs at the selected tokens alone, so the
-  policy forward asks the model (through the DeepSpeed engine, as ``Actor.forward`` does) for its final hidden
-  states and the logits of one position, and runs the LM head and log-softmax on the selected positions only:
-  about 70% of the LM head and log-softmax work is never done. ``--sepo.full_logits`` keeps OpenRLHF's
-  ``Actor.forward`` (full logits); so do ``--model.nll_loss_coef`` (its NLL reads every chosen token) and
-  ``--ds.packing_samples``. Both paths give the same log-probs at the selected positions (tested).
+- read positions only (default): SePO reads the policy's log-probs at the selected tokens alone, and OpenRLHF's
+  NLL term (on by default in train_sepo) reads every chosen response token. So the policy forward is OpenRLHF's own
+  ``concatenated_forward`` (its NLL definition and its aux loss unchanged) with the model call swapped for one that
+  asks the model (through the DeepSpeed engine, as ``Actor.forward`` does) for its final hidden states and the logits
+  of one position, then runs the LM head and log-softmax only there: the selected tokens of both sides, plus the
+  chosen response when the NLL term is on; never the prompt, the padding or the unselected rejected tokens. At
+  k = 0.3 on both sides that is 30% of the response positions without the NLL term, (1 + 0.3) / 2 = 65% with it,
+  and no prompt position. The log-softmax's backward (``LabelLogProbs``) builds one logits-sized
+  buffer where autograd's builds about four. ``--sepo.full_logits`` keeps OpenRLHF's ``Actor.forward`` (full
+  logits); so does ``--ds.packing_samples``. Both paths give the same log-probs at the selected positions, the same
+  NLL, loss and gradients (tested, fp32 and bf16).
 - logs: ``save_logs_and_checkpoints`` adds the selected-token mean log-probs, their margin and the fraction of
   response tokens selected to OpenRLHF's logs (loss, acc, chosen/reject_reward, lr, grad_norm, nll_loss).
 """
@@ -31,7 +36,30 @@ from openrlhf.trainer.dpo_trainer import DPOTrainer
 
 from openrlhf_sepo.loss import SePOLoss
 from openrlhf_sepo.openrlhf_internals import DPO_LOSS_FLAGS, add_missing_flags, engine_module, show_step_logs
-from openrlhf_sepo.scoring import label_logprobs
+
+
+class LabelLogProbs(torch.autograd.Function):
+    """``log p(label) = z[label] - logsumexp(z)`` for logits rows z [N, V] upcast to fp32, labels [N] -> [N] fp32.
+
+    Autograd's own graph of that expression keeps the fp32 logits and builds about four more [N, V] tensors in
+    backward (gather's zero-filled gradient, logsumexp's difference, exp and product, their sum); this backward
+    builds one, ``grad * (onehot(label) - softmax(z))``, which is the same gradient. Backward runs once per graph.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        z = logits.float()
+        lse = torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(z, lse, labels)
+        ctx.logits_dtype = logits.dtype
+        return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, lse, labels = ctx.saved_tensors
+        grad_z = (z - lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
+        grad_z.scatter_add_(-1, labels.unsqueeze(-1), grad.unsqueeze(-1))
+        return grad_z.to(ctx.logits_dtype), None
 
 
 class NoReferenceModel:
@@ -75,7 +103,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             disable_ds_ckpt=disable_ds_ckpt,
         )
         self.gamma = gamma
-        self.selected_positions_only = not (full_logits or self.nll_loss or self.packing_samples)
+        self.selected_positions_only = not (full_logits or self.packing_samples)
         self.sepo_loss = SePOLoss(beta, gamma)
         self.loss_fn = self._loss
         self._step_logs = {}
@@ -106,27 +134,51 @@ class SelectiveDPOTrainer(DPOTrainer):
         return chosen_sel, rejected_sel, None, None
 
     def _selected_forward(self, model, chosen_ids, c_mask, reject_ids, r_mask, key_tokens):
-        """Policy log-probs [B, T-1] (chosen, rejected) with the LM head and log-softmax run at the selected
-        positions only; unselected entries are 0 and never read by ``SePOLoss``. No NLL term (see the module doc).
-
-        Position ids as ``Actor.forward`` builds them; ``hidden_states[-1]`` is the final, normed hidden state that
-        the LM head reads, and ``logits_to_keep=1`` keeps the model from computing the other logits. The log-probs
-        are ``scoring.label_logprobs`` (fp32, a chunk of positions at a time; autograd flows through it).
+        """OpenRLHF's ``concatenated_forward`` (its concatenation, split, aux loss and NLL), with its model call
+        replaced by ``_logps_at``: the LM head and log-softmax run only where a log-prob is read, the selected
+        tokens and, with the NLL term on, every chosen response token. Other entries of the per-token log-probs
+        are 0: ``SePOLoss`` reads the selected ones only, and OpenRLHF's NLL the chosen response only.
         """
-        ids, att, _ = self.concatenated_inputs(chosen_ids, c_mask, reject_ids, r_mask, key_tokens.prompt_id_lens)
         chosen_sel, rejected_sel, _, _ = self.concatenated_forward(
             self.ref_model, chosen_ids, c_mask, reject_ids, r_mask, key_tokens
         )
         selected = torch.cat([chosen_sel, rejected_sel]).bool()
+        if self.nll_loss:
+            chosen_response = self._response_positions(c_mask, key_tokens.prompt_id_lens, selected.shape[1])
+            selected[: chosen_ids.shape[0]] |= chosen_response
+
+        def forward(ids, attention_mask, **_):  # what concatenated_forward calls as model(ids, attention_mask=...)
+            return self._logps_at(model, ids, attention_mask, selected)
+
+        chosen, rejected, aux_loss, nll = super().concatenated_forward(
+            forward, chosen_ids, c_mask, reject_ids, r_mask, key_tokens.prompt_id_lens
+        )
+        return chosen, rejected, aux_loss, nll if self.nll_loss else 0
+
+    @staticmethod
+    def _response_positions(c_mask, prompt_id_lens, width):
+        """[B, width] bool, log-prob layout: entry t is True iff ids[t+1] is an attended token past the prompt:
+        the tokens whose mean log-prob is OpenRLHF's NLL (``_get_batch_logps``' mask; tested against it)."""
+        attended = F.pad(c_mask, (0, width + 1 - c_mask.shape[1]))[:, 1:].bool()
+        predicted = torch.arange(1, width + 1, device=c_mask.device)  # index of the token each position predicts
+        return attended & (predicted >= torch.as_tensor(prompt_id_lens, device=c_mask.device).unsqueeze(1))
+
+    def _logps_at(self, model, ids, att, selected):
+        """(log-probs [B, T-1], the model's output) with the LM head and log-softmax run at ``selected`` only, the
+        other entries 0.
+
+        Position ids as ``Actor.forward`` builds them; ``hidden_states[-1]`` is the final, normed hidden state that
+        the LM head reads, and ``logits_to_keep=1`` keeps the model from computing the other logits.
+        """
         position_ids = att.long().cumsum(-1) - 1
         position_ids.masked_fill_(att == 0, 1)
         output = model.model(ids, attention_mask=att, position_ids=position_ids, output_hidden_states=True,
                              logits_to_keep=1)
         lm_head = engine_module(model.model).get_output_embeddings()  # the HF model's
-        logps = label_logprobs(lm_head(output.hidden_states[-1][:, :-1][selected]), ids[:, 1:][selected])
+        logits = lm_head(output.hidden_states[-1][:, :-1][selected])  # [selected tokens, V]
+        logps = LabelLogProbs.apply(logits, ids[:, 1:][selected])
         full = torch.zeros(selected.shape, dtype=logps.dtype, device=logps.device).masked_scatter(selected, logps)
-        aux_loss = output.aux_loss if "aux_loss" in output else []
-        return full[: chosen_ids.shape[0]], full[chosen_ids.shape[0] :], aux_loss, 0
+        return full, output
 
     def _get_batch_logps(self, per_token_logps, attention_mask, prompt_id_lens):
         """(per-token log-probs [B, T-1], mean over response tokens [B]): the per-token tensor in the sum's place,

@@ -89,7 +89,8 @@ def test_two_rank_launcher_run_raises_selected_margin(tiny_dir, tiny_pairs, trai
 
     logs = tb_scalars(trained.tb)
     for metric in ("loss", "acc", "chosen_reward", "reject_reward", "chosen_logps", "rejected_logps", "margin",
-                   "selected_frac", "lr", "grad_norm", "loss_mean", "acc_mean"):
+                   "selected_frac", "lr", "grad_norm", "loss_mean", "acc_mean",
+                   "nll_loss"):  # the default NLL term, on the selected-positions forward
         values = logs[f"train/{metric}"]
         assert [step for step, _ in values] == [1, 2, 3, 4, 5, 6], metric
         assert all(torch.isfinite(torch.tensor(v)) for _, v in values), metric
@@ -207,24 +208,38 @@ def test_selection_flags_reach_the_dataset(tiny_dir, tiny_pairs, write_scores, t
         assert (ds.selected[side] == direct.selected[side]).all()
 
 
-def test_selected_positions_forward_equals_openrlhf_full_forward(tiny_dir, tiny_pairs):
-    """The default policy forward (LM head and log-softmax at the selected positions only) gives OpenRLHF's
-    Actor.forward log-probs at every selected position, and the same SePO loss gradient. The trainer here is a
-    shell holding only what the forward reads (fit() itself runs in the 2-rank tests above); the Actor is
-    OpenRLHF's, not wrapped by DeepSpeed, which the 2-rank ZeRO-3 run covers."""
+# Both paths run the same model and LM head and an fp32 log-softmax (bitwise equal on this CPU); the tolerances allow
+# for an LM head matmul over fewer rows rounding differently elsewhere (bf16: weights and gradients in bf16).
+TOLERANCES = {"fp32": dict(atol=1e-5, rtol=1e-4), "bf16": dict(atol=1e-2, rtol=1e-2)}
+
+
+@pytest.mark.parametrize("dtype,nll", [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)])
+def test_selected_positions_forward_equals_openrlhf_full_forward(tiny_dir, tiny_pairs, dtype, nll):
+    """The default policy forward (LM head and log-softmax at the selected positions, plus every chosen response
+    token when the NLL term is on) gives OpenRLHF's concatenated_forward through Actor.forward: the same log-probs
+    at every selected position, the same NLL, loss and gradients; and it computes logits at no other position
+    (not at the prompt, padding or unselected rejected tokens). The trainer here is a shell holding only what the
+    forward reads (fit() itself runs in the 2-rank tests above); the Actor is OpenRLHF's, not wrapped by
+    DeepSpeed, which the 2-rank ZeRO-3 run covers."""
     from openrlhf.models import Actor
+    from openrlhf.trainer.dpo_trainer import DPOTrainer
 
     from openrlhf_sepo.datasets import KeyTokens
     from openrlhf_sepo.scoring import select_key_tokens
     from openrlhf_sepo.trainer import NoReferenceModel, SelectiveDPOTrainer
 
     tokenizer, pairs = tiny_pairs
-    actor = Actor(os.path.join(tiny_dir, "base"), attn_implementation="sdpa", param_dtype="bf16").float()
+    actor = Actor(os.path.join(tiny_dir, "base"), attn_implementation="sdpa", param_dtype="bf16")
+    if dtype == "fp32":
+        actor = actor.float()
     trainer = object.__new__(SelectiveDPOTrainer)
-    trainer.tokenizer, trainer.ref_model, trainer._step_logs = tokenizer, NoReferenceModel(), {}
+    trainer.tokenizer, trainer.ref_model, trainer._step_logs, trainer.nll_loss = tokenizer, NoReferenceModel(), {}, nll
     trainer.strategy = SimpleNamespace(ring_attn_group=None)
 
-    batch = pairs[:3]
+    # Prompt lengths 14, 16, 18 (the tiny prompts all have 14 tokens: the next 0, 2, 4 response tokens are counted
+    # as prompt here) and chosen lengths 30, 29, 28: rows differ in prompt and padding.
+    batch = [(p + 2 * i, c, r) for i, (p, c, r) in enumerate(pairs[:3])]
+    assert len({p for p, _, _ in batch}) == 3 and len({len(c) for _, c, _ in batch}) == 3
     pad = tokenizer.pad_token_id
     sides = []
     for col, largest in ((1, True), (2, False)):
@@ -241,21 +256,70 @@ def test_selected_positions_forward_equals_openrlhf_full_forward(tiny_dir, tiny_
     (c_ids, c_att, c_sel), (r_ids, r_att, r_sel) = sides
     key_tokens = KeyTokens([p[0] for p in batch], c_sel, r_sel)
 
+    computed = []  # the positions the selected-positions forward ran the LM head at
+    logps_at = trainer._logps_at
+    trainer._logps_at = lambda model, ids, att, selected: computed.append(selected.clone()) or logps_at(
+        model, ids, att, selected)
+
     results = {}
     for selected_only in (True, False):
         trainer.selected_positions_only = selected_only
         actor.zero_grad()
-        chosen, rejected, _, _ = trainer.concatenated_forward(actor, c_ids, c_att, r_ids, r_att, key_tokens)
+        chosen, rejected, _, nll_loss = trainer.concatenated_forward(actor, c_ids, c_att, r_ids, r_att, key_tokens)
         width = max(c_ids.shape[1], r_ids.shape[1]) - 1
         c_mask, r_mask = (torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in (c_sel, r_sel))
         loss, _, _ = SePOLoss(beta=2.0)(chosen, rejected, c_mask, r_mask)
+        if nll:
+            loss = loss + 0.7 * nll_loss  # as fit() adds it, with a coefficient
         loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in actor.parameters() if p.grad is not None])
-        results[selected_only] = (chosen[c_mask].detach(), rejected[r_mask].detach(), loss.item(), grads)
+        grads = torch.cat([p.grad.float().flatten() for p in actor.parameters() if p.grad is not None])
+        results[selected_only] = (chosen[c_mask].detach(), rejected[r_mask].detach(), loss.item(),
+                                  nll_loss.item() if nll else None, grads)
 
-    (c_fast, r_fast, loss_fast, g_fast), (c_full, r_full, loss_full, g_full) = results[True], results[False]
+    (c_fast, r_fast, loss_fast, nll_fast, g_fast), (c_full, r_full, loss_full, nll_full, g_full) = results.values()
+    tol = TOLERANCES[dtype]
     assert c_fast.numel() == int(c_sel.sum()) > 0 and r_fast.numel() == int(r_sel.sum()) > 0
-    torch.testing.assert_close(c_fast, c_full, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(r_fast, r_full, atol=1e-5, rtol=1e-5)
-    assert loss_fast == pytest.approx(loss_full, abs=1e-5)
-    torch.testing.assert_close(g_fast, g_full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(c_fast, c_full, **tol)
+    torch.testing.assert_close(r_fast, r_full, **tol)
+    assert loss_fast == pytest.approx(loss_full, abs=tol["atol"], rel=tol["rtol"])
+    torch.testing.assert_close(g_fast, g_full, **tol)
+
+    # Where the LM head ran: the rejected side's selected tokens, and on the chosen side the selected tokens or,
+    # with the NLL, exactly the tokens OpenRLHF's _get_batch_logps averages (counted here by OpenRLHF itself).
+    (positions,) = computed
+    n = len(batch)
+    assert torch.equal(positions[n:], r_mask.bool())
+    if nll:
+        assert nll_fast == pytest.approx(nll_full, abs=tol["atol"], rel=tol["rtol"]) and nll_full > 0
+        # OpenRLHF's NLL mask, one position at a time: the sum of a one-hot at t is 1 iff t is in the mask
+        att = torch.nn.functional.pad(c_att, (0, width + 1 - c_att.shape[1]))
+        one_hot = torch.eye(width)
+        nll_mask = torch.stack([DPOTrainer._get_batch_logps(trainer, one_hot[t].expand(n, width), att,
+                                                            key_tokens.prompt_id_lens)[0] for t in range(width)], 1)
+        assert torch.equal(positions[:n], nll_mask.bool())
+    else:
+        assert torch.equal(positions[:n], c_mask.bool())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_logprobs_backward_equals_autograd(dtype):
+    """LabelLogProbs (the selected-positions forward's log-softmax, with its one-buffer backward) gives autograd's
+    log-probs and logits gradient for log_softmax(z.float()).gather(label)."""
+    from openrlhf_sepo.trainer import LabelLogProbs
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 501, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, 501, (37,), generator=g)
+    upstream = torch.randn(37, generator=g)
+    results = []
+    for fn in (LabelLogProbs.apply,
+               lambda z, y: torch.log_softmax(z.float(), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)):
+        z = logits.clone().requires_grad_()
+        out = fn(z, labels)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), z.grad))
+    (out, grad), (out_ref, grad_ref) = results
+    assert out.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)  # bf16: one rounding
+    torch.testing.assert_close(grad, grad_ref, **tol)

@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sepo.beta", type=float, default=1.0, help="scale of the selected-token log-prob margin, > 0")
     add("--sepo.gamma", type=float, default=0.0, help="target margin")
     add("--sepo.full_logits", action="store_true", default=False,
-        help="run the LM head and log-softmax at every position (OpenRLHF's Actor.forward); default: at the "
-             "selected positions only")
+        help="run the LM head and log-softmax at every position (OpenRLHF's Actor.forward); default: only where a "
+             "log-prob is read (the selected tokens, and the chosen response for the NLL term)")
     add_actor_flags(add)
     return parser
 
