@@ -118,6 +118,31 @@ def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
     return out.view(labels.shape)
 
 
+class LabelLogProbs(torch.autograd.Function):
+    """Training's per-token log-probs (``label_logprobs`` is inference's, chunked, in the same place):
+    ``log p(label) = z[label] - logsumexp(z)`` for logits rows z [N, V] upcast to fp32, labels [N] -> [N] fp32.
+
+    Autograd's own graph of that expression keeps the fp32 logits and builds about four more [N, V] tensors in
+    backward (gather's zero-filled gradient, logsumexp's difference, exp and product, their sum); this backward
+    builds one, ``grad * (onehot(label) - softmax(z))``, which is the same gradient. Backward runs once per graph.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        z = logits.float()
+        lse = torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(z, lse, labels)
+        ctx.logits_dtype = logits.dtype
+        return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, lse, labels = ctx.saved_tensors
+        grad_z = (z - lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
+        grad_z.scatter_add_(-1, labels.unsqueeze(-1), grad.unsqueeze(-1))
+        return grad_z.to(ctx.logits_dtype), None
+
+
 def _accepts_logits_to_keep(model) -> bool:
     import inspect
 

@@ -22,7 +22,7 @@ keeps both loops unchanged and makes their hooks SePO's:
   of one position, then runs the LM head and log-softmax only there: the selected tokens of both sides, plus the
   chosen response when the NLL term is on; never the prompt, the padding or the unselected rejected tokens. At
   k = 0.3 on both sides that is 30% of the response positions without the NLL term, (1 + 0.3) / 2 = 65% with it,
-  and no prompt position. The log-softmax's backward (``LabelLogProbs``) builds one logits-sized
+  and no prompt position. The log-softmax's backward (``scoring.LabelLogProbs``) builds one logits-sized
   buffer where autograd's builds about four. ``--sepo.full_logits`` keeps OpenRLHF's ``Actor.forward`` (full
   logits); so does ``--ds.packing_samples``. Both paths give the same log-probs at the selected positions, the same
   NLL, loss and gradients (tested, fp32 and bf16).
@@ -36,30 +36,7 @@ from openrlhf.trainer.dpo_trainer import DPOTrainer
 
 from openrlhf_sepo.loss import SePOLoss
 from openrlhf_sepo.openrlhf_internals import DPO_LOSS_FLAGS, add_missing_flags, engine_module, show_step_logs
-
-
-class LabelLogProbs(torch.autograd.Function):
-    """``log p(label) = z[label] - logsumexp(z)`` for logits rows z [N, V] upcast to fp32, labels [N] -> [N] fp32.
-
-    Autograd's own graph of that expression keeps the fp32 logits and builds about four more [N, V] tensors in
-    backward (gather's zero-filled gradient, logsumexp's difference, exp and product, their sum); this backward
-    builds one, ``grad * (onehot(label) - softmax(z))``, which is the same gradient. Backward runs once per graph.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels):
-        z = logits.float()
-        lse = torch.logsumexp(z, dim=-1)
-        ctx.save_for_backward(z, lse, labels)
-        ctx.logits_dtype = logits.dtype
-        return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, lse, labels = ctx.saved_tensors
-        grad_z = (z - lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
-        grad_z.scatter_add_(-1, labels.unsqueeze(-1), grad.unsqueeze(-1))
-        return grad_z.to(ctx.logits_dtype), None
+from openrlhf_sepo.scoring import LabelLogProbs
 
 
 class NoReferenceModel:

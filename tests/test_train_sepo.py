@@ -305,7 +305,7 @@ def test_selected_positions_forward_equals_openrlhf_full_forward(tiny_dir, tiny_
 def test_label_logprobs_backward_equals_autograd(dtype):
     """LabelLogProbs (the selected-positions forward's log-softmax, with its one-buffer backward) gives autograd's
     log-probs and logits gradient for log_softmax(z.float()).gather(label)."""
-    from openrlhf_sepo.trainer import LabelLogProbs
+    from openrlhf_sepo.scoring import LabelLogProbs
 
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(37, 501, generator=g) * 4).to(dtype)
