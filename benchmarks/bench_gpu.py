@@ -4,7 +4,7 @@ token-scoring throughput against the bare forward, on a randomly initialised ~1B
     python benchmarks/bench_gpu.py [--seq 1024 --pairs 4 --steps 10 --json bench_gpu.json --markdown bench_gpu.md]
     python benchmarks/bench_gpu.py --device cpu --tiny          # smoke test: tiny sizes, a few seconds on a CPU
 
-Model (default): TinyLlama-1.1B's shape (the paper's oracle): hidden 2048, 22 layers, 32 heads (4 key/value
+Model (default): TinyLlama-1.1B's shape (the paper's oracle size): hidden 2048, 22 layers, 32 heads (4 key/value
 heads), intermediate 5632, vocab 32000, untied embeddings: 1.10B parameters, bf16 weights, sdpa attention, random
 init. Batch: ``--pairs`` preference pairs of ``--seq`` tokens each (``--prompt_len`` of them prompt, no padding);
 TKPO and SFT get ``--pairs`` rows of the same length (an example per pair, as bench_tkpo_step.py compares them).
@@ -19,7 +19,8 @@ forces that where OpenRLHF exists. Not the production path: no DeepSpeed engine 
 ``MasterWeightAdam``, fp32 master weights and Adam moments as DeepSpeed's bf16 optimizer keeps them, stand in for
 the engine's backward and ZeRO-2 step), no data loading, one rank.
 
-Step time: wall time of forward + backward + optimizer step, ``--warmup`` untimed steps then ``--steps`` timed,
+Step time: wall time (``--clock cpu`` on a CPU: the process's CPU time on one thread, which a shared machine's other
+jobs do not inflate) of forward + backward + optimizer step, ``--warmup`` untimed steps then ``--steps`` timed,
 median and min (CUDA synchronised). Peak memory: ``torch.cuda.max_memory_allocated`` over the variant's steps
 (weights, reference model, optimizer state, activations). On CPU, where there is no such counter, the bytes of
 the resident tensors (weights, optimizer state) plus the peak of the tensor bytes allocated during one extra,
@@ -291,6 +292,9 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU time (--clock)
+
+
 def run_variant(variant, cls, policy, ref, batches, opts, device):
     """{"median_s", "min_s", "steps", "peak_mib", ...} of one variant: its trainer, a fresh optimizer."""
     trainer, step_fn, batch = make_trainer(variant, cls, policy, ref if variant == "dpo" else None, batches)
@@ -310,10 +314,10 @@ def run_variant(variant, cls, policy, ref, batches, opts, device):
     times = []
     for _ in range(opts.warmup + opts.steps):
         sync(device)
-        start = time.perf_counter()
+        start = CLOCK[opts.clock]()
         step()
         sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK[opts.clock]() - start)
     times = times[opts.warmup :]
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
@@ -350,10 +354,10 @@ def run_scoring(oracle, ref, batches, opts, device):
             times = []
             for _ in range(opts.repeats):
                 sync(device)
-                start = time.perf_counter()
+                start = CLOCK[opts.clock]()
                 fn()
                 sync(device)
-                times.append(time.perf_counter() - start)
+                times.append(CLOCK[opts.clock]() - start)
             out[name] = {"median_s": statistics.median(times), "min_s": min(times),
                          "tokens_per_s": tokens / statistics.median(times)}
     return out
@@ -365,7 +369,7 @@ def markdown(results):
     """The results as markdown: a header naming the machine, the step table, the scoring table."""
     v, s, m = results["variants"], results["scoring"], results["model"]
     dpo = v.get("dpo")
-    load = (f", {results['cpu_threads']} threads, load average {results['load_average_before'][0]:.1f} before, "
+    load = (f", {results['cpu_threads']} thread(s), {results['clock']} clock, load average {results['load_average_before'][0]:.1f} before, "
             f"{results['load_average_after'][0]:.1f} after" if "cpu_threads" in results else "")
     lines = [f"**{results['machine']}** ({results['device']}{load}), torch {results['torch']}, transformers "
              f"{results['transformers']}, OpenRLHF: {results['openrlhf']}", "",
@@ -406,6 +410,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="timed repeats of each scoring method")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--clock", choices=sorted(CLOCK), default="wall",
+                   help="cpu (CPU only): this process's CPU time on 1 thread, which other jobs on a shared machine "
+                   "do not inflate as they inflate wall time")
     p.add_argument("--standin", action="store_true", help="drive the trainers through openrlhf_standin.py even "
                    "where OpenRLHF is installed (it is used anyway where it is not)")
     p.add_argument("--json", default="bench_gpu.json", help="where to write the results ('' for nowhere)")
@@ -418,6 +425,10 @@ def parse_args(argv=None):
                 setattr(opts, name, value)
     opts.device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     opts.dtype = opts.dtype or ("bf16" if opts.device.type == "cuda" else "fp32")
+    if opts.clock == "cpu":
+        if opts.device.type != "cpu":
+            p.error("--clock cpu times CPU runs only")
+        torch.set_num_threads(1)
     unknown = set(opts.variants.split(",")) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
@@ -441,6 +452,7 @@ def main(argv=None):
                "timed_steps": opts.steps, "variants": {}}
     if device.type == "cpu":  # a shared CPU's load skews the timings: recorded with them
         results["cpu_threads"], results["load_average_before"] = torch.get_num_threads(), os.getloadavg()
+    results["clock"] = opts.clock
     policy.eval()
     results["scoring"] = run_scoring(policy, ref, batches, opts, device)
     with openrlhf_classes(opts.standin) as cls:

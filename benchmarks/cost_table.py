@@ -42,12 +42,13 @@ def flop_params(model):
 
 
 def time_per_token(fn, tokens, repeats):
-    fn()  # warm-up
+    """Fastest of ``repeats`` runs (after one warm-up), in this process's CPU seconds per token."""
+    fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return min(times) / tokens
 
 
@@ -86,14 +87,20 @@ def linear_fit(xs, ys):
 
 
 def measure_per_token(sizes=MEASURE_SIZES, vocab=8192, seq=256, batch=4, repeats=3):
-    """Per-token costs measured on this CPU (fp32) at ``sizes`` and their linear fits in N."""
+    """Per-token costs measured on this CPU (fp32, one thread, process CPU time: other jobs on a shared machine do
+    not inflate it as they inflate wall time) at ``sizes``, and their linear fits in N."""
     import torch
 
-    load_before = os.getloadavg()
-    points = [measure_point(h, layer, vocab, seq, batch, repeats) for h, layer in sizes]
+    threads, load_before = torch.get_num_threads(), os.getloadavg()
+    torch.set_num_threads(1)
+    try:
+        points = [measure_point(h, layer, vocab, seq, batch, repeats) for h, layer in sizes]
+    finally:
+        torch.set_num_threads(threads)
     fwd, fwd_b = linear_fit([p[0] for p in points], [p[1] for p in points])
     train, train_b = linear_fit([p[0] for p in points], [p[2] for p in points])
-    return {"machine": "CPU", "torch_threads": torch.get_num_threads(), "load_average_before": load_before,
+    return {"machine": "CPU", "clock": "process CPU time", "torch_threads": 1,
+            "load_average_before": load_before,
             "load_average_after": os.getloadavg(), "dtype": "fp32", "vocab": vocab, "seq": seq,
             "batch": batch, "points": [{"hidden": h, "layers": layer, "params": n, "forward_s_per_token": f,
                                         "train_s_per_token": t} for (h, layer), (n, f, t) in zip(sizes, points)],
@@ -136,7 +143,9 @@ def pipeline(s, fwd, train, ratios=None):
         return dpo_policy * ratios[variant] if variant in ratios else composed
 
     reference_free = pairs * epochs * 2 * seq * train(s.policy)
-    rows = [("SFT of the policy (shared by every method)", {"policy": pairs * seq * s.sft_epochs * train(s.policy)}),
+    sft = dpo_policy / epochs * s.sft_epochs * ratios["sft"] if "sft" in ratios else None
+    rows = [("SFT of the policy (shared by every method)",
+             {"policy": sft if sft is not None else pairs * seq * s.sft_epochs * train(s.policy)}),
             ("DPO", {"policy": dpo_policy}),
             ("SimPO", {"policy": policy("simpo", reference_free)})]
     for label, n in oracle_sizes(s):
@@ -167,7 +176,7 @@ def break_even_share(s, fwd, train, ratios=None):
     dpo = dict(rows)["DPO"]["policy"]
     out = {}
     for label, cost in rows:
-        if "oracle / RM" in cost and not label.startswith("SePO published"):
+        if "oracle / RM" in cost:
             fixed = sum(cost.values()) - cost["oracle / RM"]
             out[label] = (dpo - fixed) / (cost["oracle / RM"] / s.share)
     return out
@@ -197,6 +206,23 @@ def table(s, fwd, train, ratios=None, flops=False):
         verdict = ("cheaper than DPO at any share" if share >= 1 else "dearer than DPO at any share" if share <= 0
                    else f"cheaper than DPO below a share of {share:.2f}")
         lines.append(f"- {label}: {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+SWEEP = (("share 0.25", {"share": 0.25}), ("share 0.5", {"share": 0.5}), ("share 1", {"share": 1.0}),
+         ("share 0.5, no small SFT", {"share": 0.5, "oracle_sft": False}),
+         ("share 0.5, 2 policy epochs", {"share": 0.5, "epochs": 2}))
+
+
+def sweep(s, fwd, train, ratios=None):
+    """Markdown: total / DPO of every oracle-based pipeline under each setting of ``SWEEP`` (the rest as ``s``)."""
+    settings = [(name, SimpleNamespace(**{**vars(s), **change})) for name, change in SWEEP]
+    columns = [dict(pipeline(t, fwd, train, ratios)) for _, t in settings]
+    lines = ["| method | " + " | ".join(name for name, _ in settings) + " |", "|---" * (len(settings) + 1) + "|"]
+    for method in columns[0]:
+        if "oracle / RM" in columns[0][method]:
+            cells = [f"{sum(c[method].values()) / c['DPO']['policy']:.2f}" for c in columns]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -254,10 +280,12 @@ def main(argv=None):
     opts = parse_args(argv)
     per_token, ratios = load_inputs(opts)
     out = ["## Assumptions", "", assumptions(opts), "", "## FLOP model (2N per token forward, 6N train)", "",
-           table(opts, *unit_costs(), flops=True)]
+           table(opts, *unit_costs(), flops=True), "Total / DPO as the oracle's share, the small SFT and the epochs "
+           "change (FLOP model):", "", sweep(opts, *unit_costs())]
     result = {"assumptions": vars(opts), "flop_model": dict(pipeline(opts, *unit_costs()))}
     if per_token or ratios:
-        unit = (f"per-token costs measured ({per_token['machine']}, {per_token['torch_threads']} threads, load average "
+        unit = (f"per-token costs measured ({per_token['machine']}, {per_token['torch_threads']} thread(s), "
+                f"{per_token.get('clock', 'wall time')}, load average "
                 f"{per_token['load_average_before'][0]:.1f} before, {per_token['load_average_after'][0]:.1f} after; "
                 f"train / forward = {per_token['train_over_forward']:.2f})" if per_token
                 else "per-token costs of the FLOP model")

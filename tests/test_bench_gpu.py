@@ -158,3 +158,20 @@ def test_cost_table_measures_and_prints(tmp_path, capsys):
     assert len(per_token["points"]) == 2 and all(p["forward_s_per_token"] > 0 for p in per_token["points"])
     assert "## FLOP model" in printed and "## Measured" in printed and "| DPO |" in printed
     assert set(result["measured"]) == set(result["flop_model"])
+
+
+def test_docs_cost_tables_are_the_scripts_output():
+    """docs/cost.md's FLOP-model tables are cost_table.py's output at its defaults, and its measured table is the
+    output for the committed per-token and bench JSON."""
+    doc = open(os.path.join(os.path.dirname(BENCH), "docs", "cost.md")).read()
+    opts = cost_table.parse_args([])
+    flop = cost_table.table(opts, *cost_table.unit_costs(), flops=True)
+    assert flop.split("\n\n")[0] in doc
+    bullets = [line for line in flop.splitlines() if line.startswith("- ")]
+    assert len(bullets) == 5 and all(line in doc for line in bullets)
+    assert cost_table.sweep(opts, *cost_table.unit_costs()) in doc
+    with open(os.path.join(BENCH, "results", "per_token_cpu.json")) as f:
+        per_token = json.load(f)
+    with open(os.path.join(BENCH, "results", "bench_cpu_small.json")) as f:
+        ratios = cost_table.bench_ratios(json.load(f))
+    assert cost_table.table(opts, *cost_table.unit_costs(per_token), ratios).split("\n\n")[0] in doc
