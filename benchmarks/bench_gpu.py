@@ -13,9 +13,8 @@ What runs is the package's trainer code, driven the way OpenRLHF's ``fit`` loops
 (its ``concatenated_forward``, selected-positions forward, ``SePOLoss``), ``TKPOActor`` / ``TKPOTrainer`` (``TKPOLoss``),
 OpenRLHF's ``DPOTrainer`` and ``SFTTrainer``, each step the loop body of their ``fit`` (``preference_step``,
 ``sft_step``) then backward and an optimizer step. Where OpenRLHF is not installed (a lent GPU machine has torch
-and transformers only) the package's trainers are imported against ``openrlhf_standin.py``, OpenRLHF 0.11.2's
-``Actor.forward``, ``DPOTrainer`` hooks and losses copied line for line (tested equal to the real ones); ``--standin``
-forces that where OpenRLHF exists. Not the production path: no DeepSpeed engine (``loss.backward()`` and
+and transformers only), OpenRLHF and DeepSpeed must be carried there as wheels built on a registry machine (see
+docs/cost.md); without OpenRLHF the benchmark stops and says so. Not the production path: no DeepSpeed engine (``loss.backward()`` and
 ``MasterWeightAdam``, fp32 master weights and Adam moments as DeepSpeed's bf16 optimizer keeps them, stand in for
 the engine's backward and ZeRO-2 step), no data loading, one rank.
 
@@ -137,18 +136,17 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-# --- OpenRLHF, real or stand-in ------------------------------------------------------------------------------------
+# --- OpenRLHF ------------------------------------------------------------------------------------------------------
 
-def openrlhf_classes(standin: bool):
-    """A context manager yielding the trainer classes (see ``openrlhf_standin.standin_openrlhf``): OpenRLHF's and
-    the package's as installed, or, with ``standin`` (or without OpenRLHF), against the stand-in."""
+def openrlhf_classes():
+    """A context manager yielding the trainer classes, OpenRLHF's and the package's as installed. OpenRLHF is needed:
+    the package's trainers subclass its trainers, and this benchmark times them, not a copy of them."""
     import contextlib
     import importlib.util
 
-    from openrlhf_standin import standin_openrlhf
-
-    if standin or importlib.util.find_spec("openrlhf") is None:
-        return standin_openrlhf()
+    if importlib.util.find_spec("openrlhf") is None or importlib.util.find_spec("deepspeed") is None:
+        raise SystemExit("bench_gpu.py needs OpenRLHF 0.11.2 and DeepSpeed importable (the package's trainers subclass "
+                         "OpenRLHF's): on a machine without a registry, carry their wheels (docs/cost.md)")
 
     @contextlib.contextmanager
     def real():
@@ -413,8 +411,6 @@ def parse_args(argv=None):
     p.add_argument("--clock", choices=sorted(CLOCK), default="wall",
                    help="cpu (CPU only): this process's CPU time on 1 thread, which other jobs on a shared machine "
                    "do not inflate as they inflate wall time")
-    p.add_argument("--standin", action="store_true", help="drive the trainers through openrlhf_standin.py even "
-                   "where OpenRLHF is installed (it is used anyway where it is not)")
     p.add_argument("--json", default="bench_gpu.json", help="where to write the results ('' for nowhere)")
     p.add_argument("--markdown", default="", help="also write the table here")
     opts = p.parse_args(argv)
@@ -455,7 +451,7 @@ def main(argv=None):
     results["clock"] = opts.clock
     policy.eval()
     results["scoring"] = run_scoring(policy, ref, batches, opts, device)
-    with openrlhf_classes(opts.standin) as cls:
+    with openrlhf_classes() as cls:
         results["openrlhf"] = cls.openrlhf
         variants = opts.variants.split(",")
         for variant in sorted(variants, key=lambda v: v != "dpo"):  # DPO first: then its reference model is freed
