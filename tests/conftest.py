@@ -154,6 +154,23 @@ def tb_scalars():
 
 
 
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """A trainer's ``main(argv)`` in this process: OpenRLHF's strategy as ``get_strategy`` builds it (no distributed
+    set-up) and model loaders that raise (OpenRLHF's Actor, and the token RM's), so a run that gets as far as
+    loading a model fails the test: "stops before the model loads" is proven, not inferred from a printout."""
+    from openrlhf.utils import get_strategy
+
+    from openrlhf_sepo import token_rm_trainer, training
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(training, "setup_strategy", get_strategy)
+    monkeypatch.setattr(training, "load_actor", must_not_load)
+    monkeypatch.setattr(token_rm_trainer, "load_for_training", must_not_load)
+
 # The fast tier (`-m "not slow"`) is in-process by construction: a test not marked slow that starts a
 # subprocess or a multiprocessing worker, in its setup or its body, fails and names the marker to add.
 @contextlib.contextmanager

@@ -2,14 +2,11 @@
 benchmarks/cost_table.py's formulas."""
 
 import importlib.util
-import inspect
 import json
 import math
 import os
 import sys
 
-import pytest
-import torch
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 

@@ -287,20 +287,10 @@ def test_resume_continues_at_the_right_step(tiny_dir, trained_rm, run, tb_scalar
     assert [s for s, _ in tb_scalars(tb)["train/loss"]] == [5, 6]
 
 
-def test_bad_data_stops_before_the_model_loads(tiny_dir, tmp_path, capsys, monkeypatch):
-    """In this process: OpenRLHF's strategy as get_strategy builds it (no distributed set-up) and model loaders
-    that raise, so a run that gets as far as loading the model fails the test."""
-    from openrlhf.utils import get_strategy
-
-    from openrlhf_sepo import token_rm_trainer, training
+def test_bad_data_stops_before_the_model_loads(tiny_dir, tmp_path, capsys, no_model_loads):
+    """In this process, with model loaders that raise (conftest's no_model_loads)."""
     from openrlhf_sepo.cli import train_token_rm
 
-    def must_not_load(*args, **kwargs):
-        raise AssertionError("a model was loaded before the data was checked")
-
-    monkeypatch.setattr(training, "setup_strategy", get_strategy)
-    monkeypatch.setattr(training, "load_actor", must_not_load)
-    monkeypatch.setattr(token_rm_trainer, "load_for_training", must_not_load)
     path = tmp_path / "lists.jsonl"
     path.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "scores": [1, 1]}) + "\n")
     assert train_token_rm.main(["--model.model_name_or_path", os.path.join(tiny_dir, "base"), "--data.dataset",

@@ -125,21 +125,6 @@ def test_resume_continues_at_the_right_step_with_eval_and_nll(tiny_dir, trained,
     assert all(0 < v < 10 for _, v in logs["train/nll_loss"] + logs["eval/eval_loss"])
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """training.fit in this process: OpenRLHF's strategy as get_strategy builds it (no distributed set-up) and a
-    model loader that raises, so a run that gets as far as loading the model fails the test."""
-    from openrlhf.utils import get_strategy
-
-    from openrlhf_sepo import training
-
-    def must_not_load(*args, **kwargs):
-        raise AssertionError("a model was loaded before the data was checked")
-
-    monkeypatch.setattr(training, "setup_strategy", get_strategy)
-    monkeypatch.setattr(training, "load_actor", must_not_load)
-
-
 def test_tokenizer_mismatch_stops_before_the_model_loads(tiny_dir, write_scores, tmp_path, capsys, no_model_loads):
     from openrlhf_sepo.cli import train_sepo
 

@@ -177,19 +177,10 @@ def test_one_rank_with_a_counterfactual_column_and_gradient_through_negatives(st
     assert "CounterfactualSFTDataset (--data.dataset): 16 of 16 rows kept" in proc.stdout
 
 
-def test_bad_data_stops_before_the_model_loads(style_dir, tmp_path, capsys, monkeypatch):
-    """In this process: OpenRLHF's strategy as get_strategy builds it (no distributed set-up) and a model loader
-    that raises, so a run that gets as far as loading the model fails the test."""
-    from openrlhf.utils import get_strategy
-
-    from openrlhf_sepo import training
+def test_bad_data_stops_before_the_model_loads(style_dir, tmp_path, capsys, no_model_loads):
+    """In this process, with model loaders that raise (conftest's no_model_loads)."""
     from openrlhf_sepo.cli import train_tkpo
 
-    def must_not_load(*args, **kwargs):
-        raise AssertionError("a model was loaded before the data was checked")
-
-    monkeypatch.setattr(training, "setup_strategy", get_strategy)
-    monkeypatch.setattr(training, "load_actor", must_not_load)
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({**r, "style": "gothic"}) + "\n" for r in tiny.make_style_rows(4, seed=6)))
     assert train_tkpo.main([

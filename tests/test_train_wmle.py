@@ -289,21 +289,6 @@ def test_resume_continues_at_the_right_step_with_eval(tiny_dir, tiny_pairs, scor
 
 # (e) bad input
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """training.fit in this process: OpenRLHF's strategy as get_strategy builds it (no distributed set-up) and a
-    model loader that raises, so a run that gets as far as loading the model fails the test."""
-    from openrlhf.utils import get_strategy
-
-    from openrlhf_sepo import training
-
-    def must_not_load(*args, **kwargs):
-        raise AssertionError("a model was loaded before the data was checked")
-
-    monkeypatch.setattr(training, "setup_strategy", get_strategy)
-    monkeypatch.setattr(training, "load_actor", must_not_load)
-
-
 def test_negative_reward_stops_before_the_model_loads(tiny_dir, negative_dir, capsys, no_model_loads):
     from openrlhf_sepo.cli import train_wmle
 
