@@ -8,7 +8,8 @@ Before moving to another OpenRLHF release, read each entry against the new sourc
 
 The touch points:
 
-- data sets: ``set_single_row`` (``RewardDataset``'s row lists), ``set_single_sft_row`` (``SFTDataset``'s); and
+- data sets: ``dpo_texts`` and ``dpo_ids`` (``RewardDataset(is_dpo=True)``'s strings and ids, batched),
+  ``set_single_sft_row`` (``SFTDataset``'s row lists); and
   ``rows.NoRows``, ``rows.DataStrategy``, listed in ``LISTED_ELSEWHERE``;
 - models: ``engine_module`` (DeepSpeed's engine wrapper); in ``LISTED_ELSEWHERE``: SePO's selected-positions forward,
   the token RM's per-position forward, and the fp32 loads of the reward and token reward models;
@@ -31,15 +32,55 @@ OPENRLHF_VERSION = "0.11.2"
 
 # --- data sets ---------------------------------------------------------------------------------------------------
 
-def set_single_row(dataset, prompt, chosen, reject, extra) -> None:
-    """Make ``dataset`` (a ``RewardDataset``) hold the one processed row given, so ``dataset[0]`` tokenizes it.
+def dpo_texts(dataset, row) -> tuple:
+    """``(prompt, chosen, reject)``: the strings ``RewardDataset(is_dpo=True).process_data`` makes of ``row`` (input
+    template or chat template applied, the prompt cut off the responses), before it tokenizes anything.
 
-    Relies on: ``RewardDataset.__getitem__`` reading ``self.prompts/chosens/rejects/extras[idx]`` (lists filled by
-    ``__init__`` from ``process_data``'s ``prompt/chosen/reject/extra``). Read from 0.11.2
-    (openrlhf/datasets/reward_dataset.py). Breaks if: the attributes are renamed or ``__getitem__`` reads another
-    layout (score_tokens' and token_rm_data's row tokenizers would raise AttributeError or read stale rows).
+    Relies on: ``process_data`` getting them from the module function ``preprocess_data(data, input_template,
+    prompt_key, chosen_key, rejected_key, apply_chat_template, is_dpo)`` with the dataset's attributes of those names.
+    Read from 0.11.2 (openrlhf/datasets/reward_dataset.py). Breaks if: ``preprocess_data`` is renamed or takes other
+    arguments (ImportError / TypeError), or ``process_data`` builds its strings another way (the row tokenizers'
+    ids would drift from the trainer's: ``tests/test_row_ids.py`` compares them with ``RewardDataset``'s own).
     """
-    dataset.prompts, dataset.chosens, dataset.rejects, dataset.extras = [prompt], [chosen], [reject], [extra]
+    from openrlhf.datasets.reward_dataset import preprocess_data
+
+    prompt, chosen, reject, _ = preprocess_data(row, dataset.input_template, dataset.prompt_key, dataset.chosen_key,
+                                                dataset.rejected_key, dataset.apply_chat_template, dataset.is_dpo)
+    return prompt, chosen, reject
+
+
+def dpo_ids(dataset, texts) -> list:
+    """``RewardDataset(is_dpo=True)``'s ids for rows already made strings by ``dpo_texts``, the tokenizer called on all
+    the rows at once (2 calls, not 3 per row): -> per ``(prompt, chosen, reject)``, ``(prompt_len, chosen_ids,
+    rejected_ids)``, both ids ``None`` where ``process_data`` drops the row.
+
+    Relies on, read from 0.11.2 (openrlhf/datasets/reward_dataset.py): ``process_data`` measuring the prompt alone
+    (tokenized with truncation at ``max_length``, no special tokens) and dropping the row when that length is
+    ``>= max_length - 2``; ``__getitem__`` tokenizing ``(prompt + response).rstrip("\n")``, with ``" " + eos_token``
+    appended unless it already ends with it, truncated at ``max_length``, no special tokens, then forcing the last id
+    to ``eos_token_id``. A fast tokenizer gives one text the same ids alone or in a batch. Breaks if: any of these
+    rules changes (the ids would drift from the trainer's: ``tests/test_row_ids.py`` compares them with
+    ``RewardDataset``'s own on rows of every shape).
+    """
+    if not texts:
+        return []
+    tok, eos = dataset.tokenizer, dataset.tokenizer.eos_token
+    kwargs = dict(max_length=dataset.max_length, padding=False, truncation=True, add_special_tokens=False)
+    prompt_lens = [len(ids) for ids in tok([t[0] for t in texts], **kwargs)["input_ids"]]
+    kept = [i for i, n in enumerate(prompt_lens) if n < dataset.max_length - 2]
+
+    def sequence(prompt, response):
+        text = (prompt + response).rstrip("\n")
+        return text if text.endswith(eos) else text + " " + eos
+
+    seqs = [sequence(texts[i][0], texts[i][k]) for i in kept for k in (1, 2)]
+    seqs = tok(seqs, **kwargs)["input_ids"] if seqs else []  # (a tokenizer fails on an empty list)
+    out = [(n, None, None) for n in prompt_lens]
+    for j, i in enumerate(kept):
+        chosen_ids, rejected_ids = seqs[2 * j], seqs[2 * j + 1]
+        chosen_ids[-1] = rejected_ids[-1] = tok.eos_token_id  # __getitem__: "to avoid EOS_token truncation"
+        out[i] = (prompt_lens[i], chosen_ids, rejected_ids)
+    return out
 
 
 def set_single_sft_row(dataset, prompt, response, prompt_ids_len) -> None:
@@ -166,7 +207,9 @@ HOOKS = (
      "tkpo_trainer.py, wmle (SFTTrainer calls loss_fn(per_token_log_probs, loss_mask, **loss_batch_info))"),
     ("openrlhf.models.actor", "Actor.forward",
      ("self", "sequences", "action_mask", "attention_mask", "return_output"), "tkpo_trainer.TKPOActor"),
-    ("openrlhf.datasets.reward_dataset", "RewardDataset.process_data", ("self", "data"), "set_single_row callers"),
+    ("openrlhf.datasets.reward_dataset", "preprocess_data",
+     ("data", "input_template", "prompt_key", "chosen_key", "rejected_key", "apply_chat_template", "is_dpo"), "dpo_texts"),
+    ("openrlhf.datasets.reward_dataset", "RewardDataset.process_data", ("self", "data"), "dpo_texts, dpo_ids"),
     ("openrlhf.datasets.sft_dataset", "SFTDataset.process_data", ("self", "data"), "set_single_sft_row callers"),
     ("openrlhf.utils.deepspeed.deepspeed", "DeepspeedStrategy.all_gather", ("self", "data"), "uneven_all_gather"),
 )

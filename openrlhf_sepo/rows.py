@@ -1,9 +1,11 @@
-"""Row tokenization: one preference or SFT row at a time, through OpenRLHF's own dataset classes.
+"""Row tokenization: preference and SFT rows, with OpenRLHF's own dataset classes' rules.
 
-The ids scored are the ids trained: ``RowTokenizer`` is OpenRLHF's ``RewardDataset(is_dpo=True)`` and
-``SFTRowTokenizer`` its ``SFTDataset``, each run on a single row with the parent's ``process_data`` and
-``__getitem__``, so every id, template and truncation is the trainer's. What differs is that a row that cannot be
-kept comes back as a ``skips.Skip`` (reason, message) instead of being dropped without a trace.
+The ids scored are the ids trained: ``RowTokenizer`` makes exactly the ids of OpenRLHF's
+``RewardDataset(is_dpo=True)`` (its ``preprocess_data`` for the strings, its rules for the ids, the tokenizer called
+once per list of rows: ``openrlhf_internals.dpo_texts`` / ``dpo_ids``), and ``SFTRowTokenizer`` runs ``SFTDataset``'s
+own ``process_data`` and ``__getitem__`` on a single row, so every id, template and truncation is the trainer's.
+What differs is that a row that cannot be kept comes back as a ``skips.Skip`` (reason, message) instead of being
+dropped without a trace.
 
 - ``RowTokenizer``: preference rows (``score_tokens``, ``token_rm_data``, ``evaluate``), with ``--data.prompt_split``
   for rows with no prompt column (``hh.split_prompt``).
@@ -61,16 +63,17 @@ class NoRows:
 
 
 class RowTokenizer(RewardDataset):
-    """OpenRLHF's ``RewardDataset(is_dpo=True)``, one row at a time, keeping the row's index.
+    """OpenRLHF's ``RewardDataset(is_dpo=True)``, row by row or a list of rows at once, keeping each row's index.
 
     RewardDataset tokenizes the whole data set in its constructor and drops a long-prompt row without a trace;
-    here ``encode`` runs its own ``process_data`` and ``__getitem__`` on a single row, so the ids are exactly
-    the trainer's, and every row that is not kept comes back as a ``Skip``.
+    here ``encode_many`` makes each row's strings with its own ``preprocess_data`` and its ids by its rules
+    (``openrlhf_internals.dpo_texts`` / ``dpo_ids``: prompt length from the prompt alone, EOS forced at the end,
+    truncation at max_len), the tokenizer called twice for the whole list, so the ids are exactly the trainer's,
+    and every row that is not kept comes back as a ``Skip``. ``encode(row)`` is ``encode_many([row])[0]``.
 
     With ``--data.prompt_split marker|common_prefix`` a row with no prompt column is first split by
-    ``openrlhf_sepo.hh.split_prompt`` and handed to ``process_data`` as a ``{"prompt", "chosen", "rejected"}``
-    row with prompt key ``"prompt"``: OpenRLHF's own prompt-key path then makes the ids, and only the final
-    answers are response tokens.
+    ``openrlhf_sepo.hh.split_prompt`` and handed on as a ``{"prompt", "chosen", "rejected"}`` row with prompt key
+    ``"prompt"``: OpenRLHF's own prompt-key path then makes the ids, and only the final answers are response tokens.
     """
 
     def __init__(self, tokenizer, strategy):
@@ -81,7 +84,9 @@ class RowTokenizer(RewardDataset):
         self.assistant_marker = getattr(data, "assistant_marker", DEFAULT_MARKER)
         # The keys _check reads in a row as the data set has it; a split row has OpenRLHF's keys below.
         self.row_keys = [self.chosen_key, self.rejected_key] + ([self.prompt_key] if self.prompt_key else [])
-        self.texts = None  # the last kept row's (prompt, chosen, rejected) strings, as process_data made them
+        # Per row of the last tokenize_many call: the (prompt, chosen, reject) strings its ids were made from, or
+        # None for a row skipped before it had any (CrossRowTokenizer maps responses by them).
+        self.texts = []
         if self.prompt_split != "none":
             if self.prompt_key:  # before anything is written: a prompt column and a split would disagree
                 raise SystemExit(f"--data.prompt_split {self.prompt_split} makes the prompt from chosen and "
@@ -90,13 +95,29 @@ class RowTokenizer(RewardDataset):
 
     def encode(self, row):
         """-> (prompt_len, chosen_ids, rejected_ids), or a ``Skip``."""
-        result = self.tokenize(row)
-        if not isinstance(result, Skip) and result[1] == result[2]:
-            return Skip("identical_responses", "chosen and rejected are identical")
-        return result
+        return self.encode_many([row])[0]
+
+    def encode_many(self, rows):
+        """``encode`` of every row, in order, the tokenizer called on all of them at once."""
+        return [Skip("identical_responses", "chosen and rejected are identical")
+                if not isinstance(result, Skip) and result[1] == result[2] else result
+                for result in self.tokenize_many(rows)]
 
     def tokenize(self, row):
         """``encode`` without its identical-responses check (``RankedListDataset`` tokenizes one response as both)."""
+        return self.tokenize_many([row])[0]
+
+    def tokenize_many(self, rows):
+        """``tokenize`` of every row, in order: the strings row by row, the ids of all of them in one batch."""
+        self.texts = [self._texts(row) for row in rows]
+        kept = [t for t in self.texts if not isinstance(t, Skip)]
+        encoded = iter(openrlhf_internals.dpo_ids(self, kept))
+        results = [texts if isinstance(texts, Skip) else self._result(*next(encoded)) for texts in self.texts]
+        self.texts = [None if isinstance(t, Skip) else t for t in self.texts]
+        return results
+
+    def _texts(self, row):
+        """The row's (prompt, chosen, reject) strings as ``process_data`` makes them, or a ``Skip``."""
         problem = self._check(row)
         if problem:
             return problem
@@ -104,14 +125,12 @@ class RowTokenizer(RewardDataset):
             row = self._split(row)
             if isinstance(row, Skip):
                 return row
-        out = self.process_data(row)
-        if out["prompt"] is None:
+        return openrlhf_internals.dpo_texts(self, row)
+
+    def _result(self, prompt_len, chosen_ids, rejected_ids):
+        if chosen_ids is None:  # RewardDataset drops it silently
             return Skip("prompt_too_long",
-                        f"prompt of {out['extra']} tokens leaves < 2 response tokens in max_len {self.max_length}")
-        self.texts = out["prompt"], out["chosen"], out["reject"]
-        openrlhf_internals.set_single_row(self, out["prompt"], out["chosen"], out["reject"], out["extra"])
-        chosen_ids, _, rejected_ids, _, prompt_len = self[0]
-        chosen_ids, rejected_ids = chosen_ids[0].tolist(), rejected_ids[0].tolist()
+                        f"prompt of {prompt_len} tokens leaves < 2 response tokens in max_len {self.max_length}")
         if prompt_len == 0:
             return Skip("empty_prompt", "the prompt is empty (set --data.prompt_key or --data.apply_chat_template, or "
                                         "--data.prompt_split for rows with no prompt column)")
@@ -177,12 +196,22 @@ class CrossRowTokenizer:
         self.specials = {"policy": special_ids(policy.tokenizer), "oracle": special_ids(oracle.tokenizer)}
 
     def encode(self, row):
+        return self.encode_many([row])[0]
+
+    def encode_many(self, rows):
+        """``encode`` of every row, in order; each side's tokenizer called on all of them at once."""
         sides = {}
         for name, rt in (("policy", self.policy), ("oracle", self.oracle)):
-            result = rt.encode(row)
-            if isinstance(result, Skip):  # a policy-side skip reads as without the flag
-                return result if name == "policy" else result._replace(message=f"oracle tokenizer: {result.message}")
-            sides[name] = result, rt.texts
+            sides[name] = list(zip(rt.encode_many(rows), rt.texts))
+        return [self._combine(sides["policy"][i], sides["oracle"][i]) for i in range(len(rows))]
+
+    def _combine(self, policy, oracle):
+        """One row's two tokenizations, each (result, texts) -> the row's item, or a ``Skip``."""
+        if isinstance(policy[0], Skip):  # a policy-side skip reads as without the flag
+            return policy[0]
+        if isinstance(oracle[0], Skip):
+            return oracle[0]._replace(message=f"oracle tokenizer: {oracle[0].message}")
+        sides = {"policy": policy, "oracle": oracle}
         maps = []
         for k, side in enumerate(("chosen", "rejected")):
             texts = {}
@@ -197,7 +226,7 @@ class CrossRowTokenizer:
                 maps.append(map_tokens(*texts["oracle"], *texts["policy"]))
             except MappingError as e:
                 return Skip("mapping_failed", f"{side}: {e}")
-        return (*sides["oracle"][0], sides["policy"][0], tuple(maps))
+        return (*oracle[0], policy[0], tuple(maps))
 
 
 class SFTRowTokenizer(SFTDataset):

@@ -13,11 +13,19 @@ The rows are tokenized exactly as ``train_dpo`` tokenizes them (``rows.RowTokeni
 ``args.score.shard_size`` pairs; shard s is scored by rank s % world_size, so N ranks never overlap and a rerun skips
 every shard already done: a killed run resumes where it stopped, with any world size.
 
+The pipeline, per rank: ``prepare_shard`` reads a shard's rows, tokenizes them in one batch (``encode_many``), counts
+its skips and cuts the kept pairs into length-sorted, host-padded batches; ``score_shard`` runs the forwards and the
+statistics; the shard is written. Preparing runs ahead of the forward on one background thread (``prefetched``,
+``--score.tokenize_ahead``, default 1 shard ahead; the first shard is prepared while the models load), so the
+tokenizer is off the forward's critical path and the forward's only wait is ``tokenize_wait_s``. The batches are
+exactly those of a shard prepared inline, so the scores are the same bits either way.
+
 Everything that can be wrong with the flags, models and output dir is found before a model is loaded; such errors
 are ``ScoringError`` (the CLI exits with their message).
 """
 
 import argparse
+import collections
 import functools
 import glob
 import hashlib
@@ -27,6 +35,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -36,7 +45,7 @@ from openrlhf.utils.utils import zero_pad_sequences
 
 from openrlhf_sepo import scores_dir
 from openrlhf_sepo.rows import CrossRowTokenizer, DataStrategy, RowTokenizer
-from openrlhf_sepo.scoring import select_key_tokens, token_scores, tokenizer_fingerprint
+from openrlhf_sepo.scoring import key_token_ranks, num_selected, token_scores, tokenizer_fingerprint
 from openrlhf_sepo.skips import Skip, SkipCounter
 from openrlhf_sepo.token_rm import checkpoint_settings, load_token_rm, token_rewards
 
@@ -199,7 +208,7 @@ def run_manifest(args, scorer, fingerprint, rows):
         "tokenizer": {"name_or_path": scorer.tokenizer_path, "fingerprint": fingerprint},
         "data": data_flags,
         "score": {**score_flags, "micro_batch_size": args.score.micro_batch_size, "max_tokens": args.score.max_tokens,
-                  "k_perc": args.k_perc},
+                  "k_perc": args.k_perc, "tokenize_ahead": args.score.tokenize_ahead},
         "shards": {"total": math.ceil(rows / args.score.shard_size)},
     })
 
@@ -214,7 +223,7 @@ def new_stats(k_perc):
         "pairs_read": 0, "pairs_kept": 0, "skipped": {r: 0 for r in SKIP_REASONS}, "skipped_examples": [],
         "chosen": side(), "rejected": side(), "pairs_chosen_sum_higher": 0,
         "selection": {str(k): {"chosen": sel(), "rejected": sel()} for k in k_perc},
-        "tokens": 0, "compute_s": 0.0,
+        "tokens": 0, "compute_s": 0.0, "tokenize_s": 0.0, "tokenize_wait_s": 0.0,
     }
 
 
@@ -228,8 +237,10 @@ def add_scores(stats, k_perc, chosen, rejected):
         s["min"], s["max"] = min(s["min"], flat.min().item()), max(s["max"], flat.max().item())
         lengths = torch.tensor([len(r) for r in rows])
         padded = zero_pad_sequences(rows, "right", stack=True)
+        valid = torch.arange(padded.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+        ranks = key_token_ranks(padded, name == "chosen", valid)  # select_key_tokens' order, once for every k
         for k in k_perc:
-            mask = select_key_tokens(padded, k, largest=(name == "chosen"), lengths=lengths)
+            mask = ranks < num_selected(lengths, k).unsqueeze(1)
             sel = stats["selection"][str(k)][name]
             sel["selected"] += int(mask.sum())
             sel["selected_sum"] += padded[mask].double().sum().item()
@@ -242,6 +253,8 @@ def merge_stats(records, k_perc):
     for rec in records:
         for key in ("pairs_read", "pairs_kept", "pairs_chosen_sum_higher", "tokens", "compute_s"):
             total[key] += rec[key]
+        for key in ("tokenize_s", "tokenize_wait_s"):  # absent from records written before shards were prefetched
+            total[key] += rec.get(key, 0.0)
         skips.add_records(rec["skipped"], rec["skipped_examples"])
         for name in ("chosen", "rejected"):
             a, b = total[name], rec[name]
@@ -310,13 +323,19 @@ def make_batches(items, micro_batch_size, max_tokens):
     return batches
 
 
-def score_batch(scorer, batch, pad_id, device):
-    """-> (chosen scores, rejected scores): lists of 1-D fp32 CPU tensors, one per pair, in batch order."""
+def pad_batch(batch, pad_id):
+    """A batch of pairs -> (ids, mask): its chosen then its rejected sequences, right-padded, on the host."""
     seqs = [torch.tensor(it[2]) for it in batch] + [torch.tensor(it[3]) for it in batch]
     ids = zero_pad_sequences(seqs, "right", pad_id, stack=True)
     mask = zero_pad_sequences([torch.ones_like(s) for s in seqs], "right", stack=True)
+    return ids, mask
+
+
+def score_batch(scorer, batch, ids, mask, device):
+    """-> (chosen scores, rejected scores): lists of 1-D fp32 CPU tensors, one per pair, in batch order."""
     prompt_lens = [it[1] for it in batch] * 2
-    scores = scorer(ids.to(device), mask.to(device), prompt_lens, [len(s) for s in seqs])
+    lengths = [len(it[2]) for it in batch] + [len(it[3]) for it in batch]
+    scores = scorer(ids.to(device), mask.to(device), prompt_lens, lengths)
     return scores[: len(batch)], scores[len(batch) :]
 
 
@@ -331,41 +350,87 @@ def map_to_policy(batch, chosen, rejected):
     return items, mapped_c, mapped_r
 
 
-def _tokenize_shard(rows, first_index, row_tokenizer, stats):
-    """The kept rows' items ``(index, *encoded)`` and the shard's skips, counted into ``stats``."""
-    items, skips = [], SkipCounter(SKIP_REASONS, kept=None)
-    for offset, row in enumerate(rows):
-        index = first_index + offset
-        stats["pairs_read"] += 1
-        try:
-            result = row_tokenizer.encode(row)
-        except Exception as e:  # noqa: BLE001  (an unexpected row shape: name the row, keep the cause)
-            raise RuntimeError(f"row {index}: cannot tokenize it as train_dpo would: {e!r}") from e
+class PreparedShard(NamedTuple):
+    """A shard as the forward takes it: tokenized, cut into batches, padded on the host (``prepare_shard``)."""
+
+    shard: int
+    rows: range
+    batches: list  # (items, ids, mask) per batch; items (index, *encoded), in make_batches' order
+    stats: dict  # new_stats with pairs_read, skipped, skipped_examples and tokenize_s filled in
+    n_skipped: int
+
+
+def _encode_rows(rows, first_index, row_tokenizer):
+    """The row tokenizer's results for a shard's rows, one batch; an unexpected failure names its row."""
+    try:
+        return row_tokenizer.encode_many(rows)
+    except Exception:
+        for offset, row in enumerate(rows):  # find the row that fails, and name it
+            try:
+                row_tokenizer.encode(row)
+            except Exception as e:  # noqa: BLE001  (an unexpected row shape: name the row, keep the cause)
+                raise RuntimeError(f"row {first_index + offset}: cannot tokenize it as train_dpo would: {e!r}") from e
+        raise
+
+
+def prepare_shard(data, shard, row_tokenizer, args) -> PreparedShard:
+    """Read, tokenize (one batch for the whole shard) and batch shard ``shard``: all that precedes its forward, so
+    that it can run ahead of it, on another thread. Skips are counted here, by row index, as they always were."""
+    started = time.perf_counter()
+    rows = _shard_rows(data, shard, args.score.shard_size)
+    columns = data[rows.start : rows.stop]  # one read; the same dicts iterating data.select(rows) gives
+    row_dicts = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    stats, skips, items = new_stats(args.k_perc), SkipCounter(SKIP_REASONS, kept=None), []
+    stats["pairs_read"] = len(row_dicts)
+    for index, result in zip(rows, _encode_rows(row_dicts, rows.start, row_tokenizer)):
         if isinstance(result, Skip):
             skips.add(index, result)
         else:
             items.append((index, *result))
     stats["skipped"], stats["skipped_examples"] = skips.counts, skips.to_records()
-    return items
+    pad_id = row_tokenizer.tokenizer.pad_token_id
+    batches = [(batch, *pad_batch(batch, pad_id))
+               for batch in make_batches(items, args.score.micro_batch_size, args.score.max_tokens)]
+    stats["tokenize_s"] = time.perf_counter() - started
+    return PreparedShard(shard, rows, batches, stats, len(row_dicts) - len(items))
 
 
-def score_shard(rows, first_index, row_tokenizer, scorer, args, device, progress):
-    """Tokenize, score and summarize one shard's rows -> (parquet records in index order, shard record)."""
-    stats = new_stats(args.k_perc)
-    started = time.perf_counter()
-    items = _tokenize_shard(rows, first_index, row_tokenizer, stats)
+def prefetched(prepare, shards, ahead, pool):
+    """``(prepare(shard), seconds the caller waited for it)`` for each of ``shards``, in order.
+
+    With ``ahead`` > 0 (``--score.tokenize_ahead``), ``pool``'s one thread prepares up to ``ahead`` shards ahead of
+    the caller, the first ones from this call on (while the models load); with 0 each is prepared on the caller's
+    thread when asked for. Preparing is tokenizer and Python work; the forward it overlaps releases the GIL in its
+    kernels (and on a GPU waits on the device), so the two run side by side."""
+    futures = collections.deque(pool.submit(prepare, s) for s in shards[:ahead])
+
+    def iterate():
+        for i, shard in enumerate(shards):
+            started = time.perf_counter()
+            prepared = futures.popleft().result() if ahead else prepare(shard)
+            if ahead and i + ahead < len(shards):
+                futures.append(pool.submit(prepare, shards[i + ahead]))
+            yield prepared, time.perf_counter() - started
+
+    return iterate()
+
+
+def score_shard(prepared, cross, scorer, args, device, progress):
+    """Score one prepared shard -> (parquet records in index order, shard record). ``cross``: the items are
+    CrossRowTokenizer's (--policy.tokenizer), scored on the oracle's tokens and written on the policy's."""
+    stats, started = prepared.stats, time.perf_counter()
     if progress is not None:
-        progress.update(len(rows) - len(items))
+        progress.update(prepared.n_skipped)
     records = []
-    for batch in make_batches(items, args.score.micro_batch_size, args.score.max_tokens):
-        chosen, rejected = score_batch(scorer, batch, row_tokenizer.tokenizer.pad_token_id, device)
-        # --policy.tokenizer: scored on the oracle's tokens, written on the policy's
-        if isinstance(row_tokenizer, CrossRowTokenizer):
+    for batch, ids, mask in prepared.batches:
+        chosen, rejected = score_batch(scorer, batch, ids, mask, device)
+        if cross:
             batch, chosen, rejected = map_to_policy(batch, chosen, rejected)
+        if not bool(torch.isfinite(torch.cat(chosen + rejected)).all()):
+            index = next(it[0] for it, c, r in zip(batch, chosen, rejected) if not torch.isfinite(torch.cat([c, r])).all())
+            raise RuntimeError(f"row {index}: non-finite token scores (try --ds.param_dtype fp32)")
         add_scores(stats, args.k_perc, chosen, rejected)
         for (index, prompt_len, chosen_ids, rejected_ids), c, r in zip(batch, chosen, rejected):
-            if not (torch.isfinite(c).all() and torch.isfinite(r).all()):
-                raise RuntimeError(f"row {index}: non-finite token scores (try --ds.param_dtype fp32)")
             records.append({"index": index, "prompt_len": prompt_len, "chosen_input_ids": chosen_ids,
                             "rejected_input_ids": rejected_ids, "chosen_scores": c.tolist(), "rejected_scores": r.tolist()})
         tokens = sum(len(c) + len(r) for c, r in zip(chosen, rejected))
@@ -373,7 +438,8 @@ def score_shard(rows, first_index, row_tokenizer, scorer, args, device, progress
         if progress is not None:
             progress.tokens += tokens
             progress.update(len(batch))
-            progress.set_postfix(tok_per_s=f"{progress.tokens / max(time.perf_counter() - progress.t0, 1e-9):.0f}")
+            progress.set_postfix(tok_per_s=f"{progress.tokens / max(time.perf_counter() - progress.t0, 1e-9):.0f}",
+                                 refresh=False)  # shown at the bar's next refresh (update's own rate)
     stats["pairs_kept"] = len(records)
     stats["compute_s"] = time.perf_counter() - started
     records.sort(key=lambda rec: rec["index"])
@@ -453,29 +519,48 @@ def _shard_rows(data, shard, shard_size) -> range:
 
 def _score_my_shards(args, data, row_tokenizer, rank, world, device):
     """Score this rank's shards not done yet (shard s is rank s % world's) -> ([shards, pairs kept, tokens] scored
-    here, the time scoring started: after the models loaded)."""
-    from tqdm import tqdm
-
+    here, the time scoring started: after the models loaded). The shards are tokenized ahead of the forward
+    (``prefetched``), the first while the models load."""
     out, n_shards = args.output_dir, math.ceil(len(data) / args.score.shard_size)
     mine = [s for s in range(n_shards) if s % world == rank]
     todo = scores_dir.pending_shards(out, mine)
     if len(todo) < len(mine):
         print(f"[rank {rank}] resuming: {len(mine) - len(todo)} of my {len(mine)} shards already done", flush=True)
 
-    scorer = make_scorer(args, device)
-    progress = None
-    if rank == 0:
-        pairs = {s: len(_shard_rows(data, s, args.score.shard_size)) for s in mine}
-        progress = tqdm(total=sum(pairs.values()), initial=sum(pairs[s] for s in mine if s not in todo), unit="pair",
-                        desc=f"scoring (rank 0 of {world})", dynamic_ncols=True, file=sys.stderr)
-        progress.tokens, progress.t0 = 0, time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score-tokenize")
+    try:
+        prepare = functools.partial(prepare_shard, data, row_tokenizer=row_tokenizer, args=args)
+        shards = prefetched(prepare, todo, args.score.tokenize_ahead, pool)
+        scorer = make_scorer(args, device)
+        return _score_prepared(args, shards, isinstance(row_tokenizer, CrossRowTokenizer), scorer, device, rank,
+                               _progress(args, data, mine, todo, rank, world))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _progress(args, data, mine, todo, rank, world):
+    """Rank 0's progress bar (pairs, and tokens per second), or None."""
+    from tqdm import tqdm
+
+    if rank != 0:
+        return None
+    pairs = {s: len(_shard_rows(data, s, args.score.shard_size)) for s in mine}
+    progress = tqdm(total=sum(pairs.values()), initial=sum(pairs[s] for s in mine if s not in todo), unit="pair",
+                    desc=f"scoring (rank 0 of {world})", dynamic_ncols=True, file=sys.stderr)
+    progress.tokens, progress.t0 = 0, time.perf_counter()
+    return progress
+
+
+def _score_prepared(args, shards, cross, scorer, device, rank, progress):
+    """Score and write each prepared shard as it comes -> (done here, the time scoring started)."""
     kill_after = int(os.environ.get(KILL_AFTER_SHARDS_ENV, 0))
     score_start = time.time()
     done_here = [0, 0, 0]  # shards, pairs kept, tokens scored by this process
-    for n, shard in enumerate(todo, 1):
-        rows = _shard_rows(data, shard, args.score.shard_size)
-        records, stats = score_shard(data.select(rows), rows.start, row_tokenizer, scorer, args, device, progress)
-        scores_dir.write_shard(out, shard, records, {"shard": shard, "first_index": rows.start, "rank": rank, **stats})
+    for n, (prepared, wait_s) in enumerate(shards, 1):
+        records, stats = score_shard(prepared, cross, scorer, args, device, progress)
+        stats.update(tokenize_wait_s=wait_s, compute_s=stats["compute_s"] + wait_s)
+        scores_dir.write_shard(args.output_dir, prepared.shard, records,
+                               {"shard": prepared.shard, "first_index": prepared.rows.start, "rank": rank, **stats})
         done_here = [done_here[0] + 1, done_here[1] + stats["pairs_kept"], done_here[2] + stats["tokens"]]
         if kill_after and n >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -498,7 +583,8 @@ def _finish(args, manifest, done_here, started, device, world):
             "elapsed_s": now - wall_start, "scoring_elapsed_s": now - score_start,
             "pairs_scored_this_run": int(done_here[1]), "tokens_scored_this_run": int(done_here[2]),
             "tokens_per_s": done_here[2] / max(now - score_start, 1e-9), "world_size": world, "device": str(device),
-            "compute_s_all_shards": total["compute_s"],
+            "compute_s_all_shards": total["compute_s"], "tokenize_s_all_shards": total["tokenize_s"],
+            "tokenize_wait_s_all_shards": total["tokenize_wait_s"],
         },
     )
     scores_dir.write_manifest(args.output_dir, manifest)

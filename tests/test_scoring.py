@@ -85,6 +85,29 @@ def test_label_logprobs_equals_log_softmax_and_chunking_is_invisible():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("vocab", [8192, 40000])  # 40000: a lone row would be reduced across threads
+def test_label_logprobs_chunks_change_no_bit(vocab):
+    """score_tokens' scores must not depend on the chunking (response_logprobs' cache-sized chunks on the CPU
+    against the one 2048-position chunk of earlier versions): every position's logsumexp is reduced alone."""
+    from openrlhf_sepo.scoring import _normalizer_chunk
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 67, vocab, generator=gen) * 3  # 268 positions
+    labels = torch.randint(0, vocab, (4, 67), generator=gen)
+    whole = label_logprobs(logits, labels, chunk_tokens=2048)
+    assert _normalizer_chunk(logits) == max(2, (2 << 20) // (4 * vocab))
+    for chunk in (_normalizer_chunk(logits), 2, 3, 89, 133, 267):
+        assert torch.equal(label_logprobs(logits, labels, chunk_tokens=chunk), whole), chunk
+    # Positions whose logsumexp comes out otherwise when reduced alone (over a vocabulary this large, one row is
+    # split across threads): as the last of n positions in chunks of n - 1, each joins the chunk before.
+    flat, flat_labels = logits.reshape(-1, vocab), labels.reshape(-1)
+    alone = torch.cat([torch.logsumexp(flat[i : i + 1], -1) for i in range(1, len(flat))])
+    differ = [i + 1 for i in (alone != torch.logsumexp(flat[1:], -1)).nonzero().flatten().tolist()]
+    assert differ or vocab < 32768 or torch.get_num_threads() == 1
+    for i in differ[:4]:
+        assert torch.equal(label_logprobs(flat[: i + 1], flat_labels[: i + 1], chunk_tokens=i), whole.reshape(-1)[: i + 1])
+
+
 @pytest.fixture(scope="module")
 def two_models(tiny_dir):
     """(oracle, ref, tokenizer): two different tiny Llamas sharing the tiny tokenizer."""

@@ -86,6 +86,10 @@ def build_parser():
                    help="token budget per batch (2 x pairs x padded length); 0: micro_batch_size alone decides")
     p.add_argument("--score.shard_size", type=int, default=1024,
                    help="pairs per output shard: the unit of work distribution and of resumption")
+    p.add_argument("--score.tokenize_ahead", type=int, default=1,
+                   help="shards tokenized ahead of the forward by one background thread (the first while the models "
+                        "load), so the forward never waits for the tokenizer; 0: each shard on the main thread, "
+                        "just before its forward")
     p.add_argument("--ds.param_dtype", type=str, default=None, choices=["bf16", "fp16", "fp32"],
                    help="model weights dtype (default bf16 on GPU, fp32 on CPU); scores are always fp32")
     p.add_argument("--ds.attn_implementation", type=str, default="sdpa")
@@ -129,6 +133,8 @@ def parse_args(argv=None):
                         ("--score.shard_size", args.score.shard_size), ("--data.max_len", args.data.max_len)):
         if value < 1:
             raise SystemExit(f"{flag} must be >= 1, got {value}")
+    if args.score.tokenize_ahead < 0:
+        raise SystemExit(f"--score.tokenize_ahead must be >= 0, got {args.score.tokenize_ahead}")
     if args.ds.param_dtype is None:
         args.ds.param_dtype = "bf16" if torch.cuda.is_available() else "fp32"
     return args
