@@ -98,12 +98,12 @@ def test_label_logprobs_chunks_change_no_bit(vocab):
     assert _normalizer_chunk(logits) == max(2, (2 << 20) // (4 * vocab))
     for chunk in (_normalizer_chunk(logits), 2, 3, 89, 133, 267):
         assert torch.equal(label_logprobs(logits, labels, chunk_tokens=chunk), whole), chunk
-    # Positions whose logsumexp comes out otherwise when reduced alone (over a vocabulary this large, one row is
-    # split across threads): as the last of n positions in chunks of n - 1, each joins the chunk before.
+    # Positions whose logsumexp comes out otherwise when reduced alone (over a large vocabulary one row may be
+    # split across threads, machine-dependent): as the last of n positions in chunks of n - 1, each joins the chunk
+    # before, so even those keep their bits.
     flat, flat_labels = logits.reshape(-1, vocab), labels.reshape(-1)
     alone = torch.cat([torch.logsumexp(flat[i : i + 1], -1) for i in range(1, len(flat))])
     differ = [i + 1 for i in (alone != torch.logsumexp(flat[1:], -1)).nonzero().flatten().tolist()]
-    assert differ or vocab < 32768 or torch.get_num_threads() == 1
     for i in differ[:4]:
         assert torch.equal(label_logprobs(flat[: i + 1], flat_labels[: i + 1], chunk_tokens=i), whole.reshape(-1)[: i + 1])
 
