@@ -56,7 +56,7 @@ def dpo_ids(dataset, texts) -> list:
 
     Relies on, read from 0.11.2 (openrlhf/datasets/reward_dataset.py): ``process_data`` measuring the prompt alone
     (tokenized with truncation at ``max_length``, no special tokens) and dropping the row when that length is
-    ``>= max_length - 2``; ``__getitem__`` tokenizing ``(prompt + response).rstrip("\n")``, with ``" " + eos_token``
+    ``>= max_length - 2``; ``__getitem__`` tokenizing ``(prompt + response).rstrip("\\n")``, with ``" " + eos_token``
     appended unless it already ends with it, truncated at ``max_length``, no special tokens, then forcing the last id
     to ``eos_token_id``. A fast tokenizer gives one text the same ids alone or in a batch. Breaks if: any of these
     rules changes (the ids would drift from the trainer's: ``tests/test_row_ids.py`` compares them with

@@ -48,7 +48,7 @@ class DataStrategy:
 
 class NoRows:
     """An empty stand-in data set: lets ``RewardDataset`` / ``SFTDataset.__init__`` set up their tokenizer state
-    with no rows to map (the row tokenizers below feed them one row at a time)."""
+    with no rows to map (the row tokenizers below feed them their rows themselves)."""
 
     column_names = []
 
@@ -230,7 +230,7 @@ class CrossRowTokenizer:
 
 
 class SFTRowTokenizer(SFTDataset):
-    """OpenRLHF's ``SFTDataset``, one row at a time (as ``RowTokenizer`` is ``RewardDataset``'s): its own
+    """OpenRLHF's ``SFTDataset``, one row at a time (``RowTokenizer`` is ``RewardDataset``'s, batched): its own
     ``process_data`` and ``__getitem__`` make the ids, so they are exactly ``train_sft``'s."""
 
     def __init__(self, tokenizer, max_length, strategy):
