@@ -22,6 +22,7 @@ Metrics per model:
 """
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Callable, Optional
@@ -532,6 +533,10 @@ def _generation_metrics(g: _Generations, name, rewards, reward_source, prompts, 
     return metrics
 
 
+def _with_prompts(fn, prompts, responses):
+    return fn(responses, prompts)
+
+
 def evaluate_models(
     models: dict,
     baseline: str = None,
@@ -541,6 +546,7 @@ def evaluate_models(
     reward_fn: Callable[[list], list] = None,
     format_fn: Callable[[list], list] = None,
     reward_name: str = "reward_fn",
+    with_prompts: bool = False,
     reward_model_path: str = None,
     param_dtype: str = "fp32",
     attn_implementation: str = "sdpa",
@@ -554,7 +560,9 @@ def evaluate_models(
     ``reward_fn(responses) -> rewards`` (a list of response texts in, one float per response out; reported as
     ``reward_source: reward_name``) or ``reward_model_path`` (an OpenRLHF reward model). ``format_fn(responses)
     -> flags`` (one bool per response: does it follow the task's answer template?), optional, adds
-    ``format_validity`` (the share of True) to each model and ``well_formed`` to each sample. ``baseline``
+    ``format_validity`` (the share of True) to each model and ``well_formed`` to each sample. With
+    ``with_prompts``, both are called as ``fn(responses, prompts)``, the prompts in the responses' order (a task
+    whose right answer depends on the prompt). ``baseline``
     (default: the first model) is the reference of the win rates and of the KL. All inputs are checked before
     any model is loaded; a bad one raises ``EvaluationInputError`` (a ``ValueError``) naming its flag or row.
 
@@ -578,6 +586,9 @@ def evaluate_models(
     if gen.n_prompts > 0 and reward_model_path:
         _check_checkpoint(reward_model_path, "--reward.model_name_or_path", data, policy=False)
     pairs, prompts = _read_inputs(data, gen)
+    if with_prompts and prompts is not None:  # bind the prompts the responses answer, in order
+        reward_fn = None if reward_fn is None else functools.partial(_with_prompts, reward_fn, prompts)
+        format_fn = None if format_fn is None else functools.partial(_with_prompts, format_fn, prompts)
 
     load = lambda path: load_policy(path, param_dtype, attn_implementation, device)  # noqa: E731
     results, g = _run_policies(models, baseline, comparable, pairs, prompts, data, gen, load, batch_size)

@@ -23,7 +23,7 @@ Per seed everything is redrawn: data, base-model initialisation, SFT, oracle, to
 import json
 import os
 
-from openrlhf_sepo import tiny
+from openrlhf_sepo import testbed, tiny
 from openrlhf_sepo.bench import keywords_report
 from openrlhf_sepo.bench.runner import CHAT, COMMON_TRAIN, Benchmark, sft_job
 
@@ -64,19 +64,33 @@ METHODS = {
     "wmle": _WMLE,
     "wmle_onpolicy": dict(_WMLE, trainer="wmle_loop"),
     "sft_chosen": dict(trainer="sft", nll=0.0, policy="weak"),
+    # ConfPO's zero-cost selection: the tokens the policy itself finds unlikely, each step (no oracle, no scores).
+    "confidence": dict(_SEPO, scores="oracle", selection="confidence"),
+    # The second perfect-credit control: reward-weighted MLE on the chosen answers with the true token rewards
+    # mapped to [0, 1] ((sign + 1) / 2: right key word 1, filler 0.5, wrong key word 0).
+    "wmle_truth": dict(_WMLE, scores="truth01"),
+    # The imitation term without the tokens the scorer marks bad (train_sepo --sepo.nll_skip_bad).
+    "sepo_nll_skip": dict(_SEPO, nll_skip=True),
+    "sepo_truth_nll_skip": dict(_SEPO, scores="truth", nll_skip=True),
 }
+# The testbed's default run (README command 1): the headline methods; the others stay one --methods away.
+TESTBED_METHODS = ["sepo", "sepo_paper", "sepo_random", "sepo_truth", "confidence", "sepo_nll_skip",
+                   "sepo_truth_nll_skip", "dpo", "dpo_nll", "simpo_nll", "sepo_token_rm", "wmle", "wmle_truth",
+                   "sft_chosen", "w2s_sepo", "w2s_dpo_nll"]
 BETA_TRAINERS = {"sepo": "--sepo.beta", "dpo": "--model.beta"}  # the other trainers have no beta
 LOOP_ROUNDS, LOOP_SAMPLES = 2, 4  # wmle_onpolicy: rounds, answers sampled per training prompt and round
 # Each method's "scores" -> the seed's scores dir it trains from (and selection_stats reads).
-SCORES_DIRS = {"oracle": "scores", "truth": "scores_truth", "token_rm": "scores_token_rm", "oracle_x": "scores_x"}
+SCORES_DIRS = {"oracle": "scores", "truth": "scores_truth", "token_rm": "scores_token_rm", "oracle_x": "scores_x",
+               "truth01": "scores_truth01"}
 X_VOCAB = 300  # the cross-tokenizer oracle's BPE vocabulary (the policy's: 512)
 TOKEN_RM_LR = 1e-3  # the token RM's learning rate, fixed as the oracle's is (it is a scorer, not a tuned policy)
 QUICK_METHODS = ["sepo", "sepo_random", "sepo_truth", "dpo_nll", "simpo", "w2s_sepo", "sepo_token_rm", "wmle",
                  "wmle_onpolicy"]
 GRID = {"lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "sepo_beta": [1.0, 2.5], "dpo_beta": [0.1, 0.5]}
 OBJECTIVE = ("mean over validation samples of the ground-truth reward, a malformed answer (not "
-             "tiny.is_well_formed) counting as -1")
-SETTINGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_settings.json")
+             "the task's is_well_formed) counting as -1")
+SETTINGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_settings.json")  # tiny's variants
+TESTBED_SETTINGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testbed_settings.json")
 K_VALUES = (0.1, 0.3, 0.5)
 MODELS = {"weak": dict(hidden_size=64, num_layers=2), "strong": dict(hidden_size=128, num_layers=4)}
 SIZES = {
@@ -88,7 +102,10 @@ SIZES = {
                   oracle_epochs=2, policy_epochs=2, save_steps=3),
 }
 # Paired comparisons read in the report: (a, b) -> a - b in ground truth, seed by seed.
-COMPARISONS = [("sepo", "dpo_nll"), ("sepo", "simpo_nll"), ("sepo", "sepo_random"), ("sepo_truth", "sepo"),
+COMPARISONS = [("sepo_truth", "dpo_nll"), ("sepo_truth", "simpo_nll"), ("wmle_truth", "dpo_nll"),
+               ("wmle_truth", "simpo_nll"), ("sepo_truth_nll_skip", "dpo_nll"), ("sepo_truth_nll_skip", "simpo_nll"),
+               ("sepo", "confidence"), ("confidence", "simpo_nll"), ("sepo_nll_skip", "sepo"),
+               ("sepo_truth_nll_skip", "sepo_truth"), ("sepo", "dpo_nll"), ("sepo", "simpo_nll"), ("sepo", "sepo_random"), ("sepo_truth", "sepo"),
                ("sepo", "sepo_paper"), ("sepo_exclude_prefix", "sepo"), ("sepo_paper_exclude_prefix", "sepo_paper"),
                ("sepo_paper", "dpo"), ("sepo_paper", "simpo"), ("w2s_sepo", "w2s_dpo_nll"),
                ("w2s_sepo", "w2s_simpo_nll"), ("sepo_token_rm", "sepo"), ("wmle", "sft_chosen"), ("wmle", "sepo"),
@@ -97,38 +114,82 @@ COMPARISONS = [("sepo", "dpo_nll"), ("sepo", "simpo_nll"), ("sepo", "sepo_random
 GEN = dict(max_new_tokens=48, temperature=1.0, top_p=1.0)  # every sample: temperature 1, full support
 
 
+def gen_settings(task) -> dict:
+    """Sampling settings: answers of the testbed ``task`` (a ``testbed.Task``) get room for length + 32 tokens."""
+    return dict(GEN, max_new_tokens=task.length + 32) if task else GEN
+
+
 def gated_reward(samples) -> float:
     """The tuning objective (``OBJECTIVE``): ground truth of well-formed answers, -1 for malformed ones."""
     return sum(s["reward"] if s["well_formed"] else -1.0 for s in samples) / len(samples)
 
 
-def loop_metric(text: str) -> float:
+def loop_metric(reward: float, well_formed: bool) -> float:
     """wmle_onpolicy's ranking metric of a sampled answer: the ground truth of a well-formed answer (in [-1, 1]), and
     ground truth - 2.5 (in [-3.5, -1.5]) of a malformed one: format first, then the key words. (The gated reward's
     flat -1 for every malformed answer left most lists of a weak SFT model's samples all tied.)"""
-    return tiny.ground_truth_reward(text) - (0.0 if tiny.is_well_formed(text) else 2.5)
+    return reward - (0.0 if well_formed else 2.5)
 
 
 def run(args) -> dict:
     """The demo for parsed ``cli.demo`` flags: the benchmark, or with ``args.sweep`` the sweep."""
-    spec = KeywordSpec(task=args.task, label_noise=args.label_noise, ood=args.ood, oracle_lr=args.oracle_lr)
+    testbed_task = None
+    if args.task == "testbed":
+        knobs = dict(length=args.length, density=args.density, context=not args.no_context,
+                     flaw_rate=args.flaw_rate, flaws=args.flaws, cue=args.cue)
+        if args.label_noise is not None:
+            knobs["label_noise"] = args.label_noise
+        try:
+            testbed_task = testbed.Task(**knobs)
+        except ValueError as e:  # names the knob, which is the flag
+            raise SystemExit(f"--{str(e).split(': ', 1)[1]}") from None
+    spec = KeywordSpec(task=args.task, label_noise=args.label_noise or 0.0, ood=args.ood, oracle_lr=args.oracle_lr,
+                       testbed_task=testbed_task)
+    args.settings = args.settings or spec.SETTINGS_FILE
     return Benchmark(spec, args).run()
 
 
 class KeywordSpec:
     """The key-word task for ``bench.runner.Benchmark`` (its docstring lists what a spec provides). ``task`` /
-    ``label_noise`` / ``ood``: the pair variant, the share of training pairs flipped, and whether the oracle's and
+    ``label_noise`` / ``ood``: tiny's pair variant, the share of training pairs flipped, and whether the oracle's and
     the policies' pairs come from disjoint topic and filler slices (``tiny.OOD_SLICES``); ``oracle_lr``: the
-    oracle's DPO learning rate."""
+    oracle's DPO learning rate. ``task="testbed"`` with ``testbed_task`` (a ``testbed.Task``, which holds its own
+    label noise): the testbed's data, truth and scorers instead of tiny's, its headline methods by default and its
+    tuned settings."""
 
-    NAME, POLICY_LAUNCH = "demo", "stage2"
+    NAME, POLICY_LAUNCH, DEFAULT_METHODS = "demo", "stage2", list(METHODS)
     METHODS, QUICK_METHODS, SIZES, GRID, COMPARISONS = METHODS, QUICK_METHODS, SIZES, GRID, COMPARISONS
     OBJECTIVE, OBJECTIVE_KEY, SETTINGS_FILE = OBJECTIVE, "gated_reward", SETTINGS_FILE
     BETA_TRAINERS, SCORES_DIRS, K_VALUES, MODELS = BETA_TRAINERS, SCORES_DIRS, K_VALUES, MODELS
     LOOP_ROUNDS, LOOP_SAMPLES, X_VOCAB, TOKEN_RM_LR = LOOP_ROUNDS, LOOP_SAMPLES, X_VOCAB, TOKEN_RM_LR
 
-    def __init__(self, task="independent", label_noise=0.0, ood=False, oracle_lr=1e-4):
+    def __init__(self, task="independent", label_noise=0.0, ood=False, oracle_lr=1e-4, testbed_task=None):
+        if (task == "testbed") != (testbed_task is not None):
+            raise ValueError("KeywordSpec: testbed_task is given exactly when task == 'testbed'")
+        if testbed_task is not None and ood:
+            raise SystemExit("--ood: tiny's variants only (the testbed has no topic / filler slices)")
         self.task, self.label_noise, self.ood, self.oracle_lr = task, label_noise, ood, oracle_lr
+        self.testbed = testbed_task
+        if testbed_task is not None:
+            self.label_noise = testbed_task.label_noise
+            self.DEFAULT_METHODS, self.SETTINGS_FILE = TESTBED_METHODS, TESTBED_SETTINGS_FILE
+        self.gen = gen_settings(testbed_task)
+
+    # --- the task's truth: tiny's ignores the prompt, the testbed's reads the reader from it ---------------
+    def token_signs(self, pieces, prompt_text) -> list:
+        """+1 / -1 / 0 per response token: right key word, wrong key word, other."""
+        if self.testbed is None:
+            return tiny.key_token_signs(pieces)
+        return testbed.token_signs(pieces, prompt_text, self.testbed)
+
+    def truth(self, prompt_text, text) -> float:
+        """The ground-truth reward of one answer to one prompt."""
+        if self.testbed is None:
+            return tiny.ground_truth_reward(text)
+        return testbed.ground_truth_reward(prompt_text, text, self.testbed)
+
+    def well_formed(self, text) -> bool:
+        return tiny.is_well_formed(text) if self.testbed is None else testbed.is_well_formed(text, self.testbed)
 
     def uses(self, bench, key, value) -> bool:
         """Whether a method of this run has ``METHODS[m][key] == value`` (what stage 1 must train)."""
@@ -154,6 +215,8 @@ class KeywordSpec:
 
     # --- data and stage 1 -----------------------------------------------------------------------------
     def make_data(self, bench, seed):
+        if self.testbed is not None:
+            return self._make_testbed_data(bench, seed)
         s, d = bench.size, lambda *p: bench.seed_path(seed, "data", *p)
         tiny.build_tokenizer(d("tokenizer"))
         for name, shape in self.MODELS.items():
@@ -178,10 +241,30 @@ class KeywordSpec:
                 for row in tiny.make_prompts(s["n_prompts"], 1000 * seed + 4, split=split):
                     f.write(json.dumps(row) + "\n")
 
+    def _make_testbed_data(self, bench, seed):
+        """``make_data`` for the testbed: the same files and seeds, drawn by ``testbed``; evaluation pairs without
+        label noise."""
+        s, d, task = bench.size, lambda *p: bench.seed_path(seed, "data", *p), self.testbed
+        testbed.build_tokenizer(d("tokenizer"), task)
+        for name, shape in self.MODELS.items():
+            tiny.build_model(d(f"base_{name}"), d("tokenizer"), shape["hidden_size"], shape["num_layers"], seed=seed)
+        if self.uses(bench, "scores", "oracle_x"):
+            testbed.build_tokenizer(d("tokenizer_x"), task, self.X_VOCAB)
+            tiny.build_model(d("base_weak_x"), d("tokenizer_x"), **self.MODELS["weak"], seed=seed)
+        testbed.write_sft_data(d("sft.jsonl"), s["n_sft"], task, seed)
+        testbed.write_preference_data(d("oracle_pairs.jsonl"), s["n_oracle"], task, 1000 * seed + 1)
+        testbed.write_preference_data(d("policy_pairs.jsonl"), s["n_policy"], task, 1000 * seed + 2)
+        with open(d("policy_pairs.jsonl")) as f, open(d("policy_chosen.jsonl"), "w") as out:  # sft_chosen's data
+            for line in f:
+                out.write(json.dumps({"messages": json.loads(line)["chosen"]}) + "\n")
+        testbed.write_preference_data(d("eval_pairs.jsonl"), s["n_eval"], task, 1000 * seed + 3, label_noise=0.0)
+        for split in ("validation", "test"):
+            testbed.write_prompts(d(f"{split}_prompts.jsonl"), s["n_prompts"], task, 1000 * seed + 4, split)
+
     def stage1(self, bench):
         """One launch of every seed's SFT models, oracles, token RM and scores; then the truth scores dirs."""
         bench.launch("stage1", [j for seed in bench.seeds for j in self.stage1_jobs(bench, seed)])
-        if self.uses(bench, "scores", "truth"):
+        if self.uses(bench, "scores", "truth") or self.uses(bench, "scores", "truth01"):
             for seed in bench.seeds:
                 bench.stage(f"truth s{seed}", lambda seed=seed: self.write_truth_scores(bench, seed),
                             bench.seed_path(seed, "done", "truth.done"))
@@ -236,10 +319,10 @@ class KeywordSpec:
             "--overwrite", *extra])
 
     def write_truth_scores(self, bench, seed):
-        """The truth control's scores dir: the oracle's scores dir with each score replaced by the task's true token
-        reward, ``tiny.key_token_signs`` (+1 on a good key word, -1 on a bad one, 0 elsewhere), so that selection
-        keeps good key tokens of chosen and bad ones of rejected first; same ids, manifest and flags, so it trains
-        exactly like SePO."""
+        """The truth controls' scores dirs: the oracle's scores dir with each score replaced by the task's true token
+        reward (``token_signs``: +1 on a right key word, -1 on a wrong one, 0 elsewhere), so that selection keeps
+        right key tokens of chosen and wrong ones of rejected first; same ids, manifest and flags, so it trains
+        exactly like SePO. ``scores_truth01`` holds (sign + 1) / 2, the non-negative rewards wmle_truth weights by."""
         from transformers import AutoTokenizer
 
         from openrlhf_sepo import scores_dir
@@ -247,9 +330,12 @@ class KeywordSpec:
         tok = AutoTokenizer.from_pretrained(bench.seed_path(seed, "models", "sft"))
 
         def truth(row, side):
-            return tiny.key_token_signs(tok.convert_ids_to_tokens(row[f"{side}_input_ids"][row["prompt_len"]:]))
+            ids, p = row[f"{side}_input_ids"], row["prompt_len"]
+            return self.token_signs(tok.convert_ids_to_tokens(ids[p:]), tok.decode(ids[:p]))
 
         scores_dir.rewrite_scores(bench.seed_path(seed, "scores"), bench.seed_path(seed, "scores_truth"), truth)
+        scores_dir.rewrite_scores(bench.seed_path(seed, "scores"), bench.seed_path(seed, "scores_truth01"),
+                                  lambda row, side: [(x + 1) / 2 for x in truth(row, side)])
 
     # --- stage 2: policies ----------------------------------------------------------------------------
     def train(self, bench, runs, snapshots, launch):
@@ -284,6 +370,7 @@ class KeywordSpec:
             args += ["--data.dataset", scores, "--sepo.k_chosen", str(spec["k"]), "--sepo.k_rejected",
                      str(spec["k"]), "--sepo.selection", spec["selection"], "--sepo.gamma", "0.0"]
             args += ["--sepo.exclude_common_prefix"] if spec["exclude_prefix"] else []
+            args += ["--sepo.nll_skip_bad"] if spec.get("nll_skip") else []
             return bench.job(seed, name, "openrlhf_sepo.cli.train_sepo", args)
         args += ["--ref.model_name_or_path", init, "--data.dataset", d("policy_pairs.jsonl"), *CHAT]
         return bench.job(seed, name, "openrlhf.cli.train_dpo", args)
@@ -328,14 +415,17 @@ class KeywordSpec:
         from openrlhf_sepo.evaluation import DataFlags, GenFlags, generate, load_policy
 
         model, tok = load_policy(policy_in)
-        prompts = [row["prompt"] for row in tiny.make_prompts(bench.size["n_policy"], 1000 * seed + 5 + r, "train")]
+        n, prompt_seed = bench.size["n_policy"], 1000 * seed + 5 + r
+        rows = (tiny.make_prompts(n, prompt_seed, "train") if self.testbed is None
+                else testbed.make_prompts(n, self.testbed, prompt_seed, "train"))
+        prompts = [row["prompt"] for row in rows]
         answers = [generate(model, tok, prompts, DataFlags(apply_chat_template=True, max_len=128),
-                            GenFlags(**GEN, seed=seed * 100 + r * 10 + i), batch_size=64)
+                            GenFlags(**self.gen, seed=seed * 100 + r * 10 + i), batch_size=64)
                    for i in range(self.LOOP_SAMPLES)]
         with open(lists, "w") as f:
             for j, prompt in enumerate(prompts):
                 responses = [a[j] for a in answers]
-                scores = [loop_metric(t) for t in responses]
+                scores = [loop_metric(self.truth(prompt, t), self.well_formed(t)) for t in responses]
                 f.write(json.dumps({"prompt": prompt, "responses": responses, "scores": scores}) + "\n")
 
     # --- evaluation -----------------------------------------------------------------------------------
@@ -364,7 +454,8 @@ class KeywordSpec:
         p = lambda *x: bench.seed_path(seed, *x)  # noqa: E731
         n = bench.size["n_prompts"]
         data = DataFlags(dataset=p("data", "eval_pairs.jsonl"), apply_chat_template=True, max_len=128)
-        gen = GenFlags(prompts=p("data", f"{prompts}_prompts.jsonl"), n_prompts=n, **GEN, seed=seed, n_samples=n)
+        gen = GenFlags(prompts=p("data", f"{prompts}_prompts.jsonl"), n_prompts=n, **self.gen, seed=seed,
+                       n_samples=n)
         final, curves = {}, {}
         for family, sft in (("weak", "sft"), ("strong", "strong_sft")):
             names = [r for r, method in runs.items() if self.METHODS[method]["policy"] == family]
@@ -372,7 +463,7 @@ class KeywordSpec:
                 continue
             models = {sft: p("models", sft), **({"oracle": p("models", "oracle")} if family == "weak" else {})}
             models.update({r: p("models", r) for r in names})
-            final.update(_evaluate(models, sft, data, gen))
+            final.update(self._evaluate(models, sft, data, gen))
             if snapshots:
                 for run in names:
                     curves[run] = self._curve(bench, seed, run, sft, gen, final)
@@ -389,7 +480,8 @@ class KeywordSpec:
             if entry.startswith("global_step") and entry.endswith("_hf"):
                 steps.setdefault(int(entry[len("global_step"):-3]), os.path.join(ckpt, entry))
         inner = {f"step{s}": path for s, path in sorted(steps.items()) if 0 < s < bench.steps}
-        result = _evaluate({sft: p("models", sft), **inner}, sft, DataFlags(apply_chat_template=True, max_len=128), gen)
+        result = self._evaluate({sft: p("models", sft), **inner}, sft, DataFlags(apply_chat_template=True, max_len=128),
+                                gen)
         curve = {int(k[4:]): v for k, v in result.items() if k.startswith("step")}
         curve[0], curve[bench.steps] = final[sft], final[run]
         return {s: curve[s] for s in sorted(curve)}
@@ -401,11 +493,12 @@ class KeywordSpec:
         and per run the response tokens whose log-probs enter its loss (all epochs); each scorer's (the oracle, and
         the token RM when one was trained) precision / recall at each k of K_VALUES; the base rate of those key
         tokens among response tokens."""
-        selection = _Selection(bench, seed)
+        selection = _Selection(bench, seed, self.token_signs)
         epochs = bench.size["policy_epochs"]
         key, n_tokens = selection.key, selection.n_tokens
         stats = {"precision": {}, "recall": {}, "training_tokens": {}, "base_rate": selection.n_key / n_tokens,
-                 "oracle_precision": {}, "oracle_recall": {}}
+                 "oracle_precision": {}, "oracle_recall": {},
+                 "mean_response_tokens": n_tokens / sum(len(ids) for ids in selection.lengths.values())}
         for method in bench.methods:
             spec = self.METHODS[method]
             if spec["trainer"] == "dpo":
@@ -413,6 +506,8 @@ class KeywordSpec:
                 continue
             if spec["trainer"] != "sepo":  # wmle, wmle_onpolicy, sft_chosen: every chosen token, weighted or not
                 stats["training_tokens"][method] = len(key["chosen"]) * epochs
+                continue
+            if spec["selection"] == "confidence":  # chosen by the policy at each step: no fixed selection to score
                 continue
             ds = selection.dataset(self.SCORES_DIRS[spec["scores"]], spec["k"], spec["selection"],
                                    spec["exclude_prefix"])
@@ -436,12 +531,42 @@ class KeywordSpec:
     def report(self, bench, wall_s) -> dict:
         return keywords_report.write_report(bench)
 
+    def _evaluate(self, models, baseline, data, gen) -> dict:
+        """{model: the scalar metrics the demo reports} of ``evaluation.evaluate_models`` with the task's scorers (KL
+        and win rate vs ``baseline``), three sample answers each; on the testbed also ``cue_rate``, the share of the
+        answers' non-key words that are the spurious cue's."""
+        from openrlhf_sepo.evaluation import evaluate_models
+
+        if self.testbed is None:
+            scorers = dict(reward_fn=tiny.ground_truth_rewards, format_fn=tiny.well_formed)
+        else:
+            task = testbed.Scorers(self.testbed)
+            scorers = dict(reward_fn=task.rewards, format_fn=task.well_formed, with_prompts=True)
+        result = evaluate_models(models, baseline=baseline, data=data, gen=gen, **scorers, reward_name="ground_truth",
+                                 batch_size=32)
+        out = {}
+        for name, m in result["models"].items():
+            out[name] = {
+                "ground_truth_reward": m["reward_mean"],
+                "format_validity": m["format_validity"],
+                "kl_to_sft": m[f"kl_to_{baseline}"],
+                "win_rate_vs_sft": m[f"win_rate_vs_{baseline}"],
+                "gated_reward": gated_reward(m["samples"]),
+                "samples": [s["response"] for s in m["samples"][:3]],
+            }
+            if self.testbed is not None:
+                rates = task.cue_rates([s["response"] for s in m["samples"]])
+                out[name]["cue_rate"] = sum(rates) / len(rates)
+            if "pairwise_accuracy" in m:
+                out[name]["pairwise_accuracy"] = m["pairwise_accuracy"]
+        return out
+
 
 class _Selection:
     """A seed's policy pairs with their planted key tokens of the side's sign (``key``: side -> bool per response
     token), and how a scores dir's selection finds them."""
 
-    def __init__(self, bench, seed):
+    def __init__(self, bench, seed, token_signs):
         import numpy as np
         from transformers import AutoTokenizer
 
@@ -451,10 +576,12 @@ class _Selection:
         self.tok = AutoTokenizer.from_pretrained(bench.seed_path(seed, "models", "sft"))
         self.strategy = DataStrategy(None, quiet=True)
         self.base = self.dataset("scores", 1.0, "per_response", False)
-        self.key = {}
+        self.key, self.lengths = {}, {}
         for side, sign in (("chosen", 1), ("rejected", -1)):
             ids = self.base.data[f"{side}_input_ids"]
-            self.key[side] = np.concatenate([tiny.key_token_signs(self.tok.convert_ids_to_tokens(row[p:]))
+            self.lengths[side] = [len(row) - p for row, p in zip(ids, self.base.prompt_lens)]
+            self.key[side] = np.concatenate([token_signs(self.tok.convert_ids_to_tokens(row[p:]),
+                                                         self.tok.decode(row[:p]))
                                              for row, p in zip(ids, self.base.prompt_lens)]) == sign
         self.n_key = sum(int(v.sum()) for v in self.key.values())
         self.n_tokens = sum(len(v) for v in self.key.values())
@@ -473,23 +600,3 @@ class _Selection:
         return hits / picked, hits / self.n_key, picked
 
 
-def _evaluate(models, baseline, data, gen) -> dict:
-    """{model: the scalar metrics the demo reports} of ``evaluation.evaluate_models`` with the key-word task's
-    scorers (KL and win rate vs ``baseline``), three sample answers each."""
-    from openrlhf_sepo.evaluation import evaluate_models
-
-    result = evaluate_models(models, baseline=baseline, data=data, gen=gen, reward_fn=tiny.ground_truth_rewards,
-                             format_fn=tiny.well_formed, reward_name="ground_truth", batch_size=32)
-    out = {}
-    for name, m in result["models"].items():
-        out[name] = {
-            "ground_truth_reward": m["reward_mean"],
-            "format_validity": m["format_validity"],
-            "kl_to_sft": m[f"kl_to_{baseline}"],
-            "win_rate_vs_sft": m[f"win_rate_vs_{baseline}"],
-            "gated_reward": gated_reward(m["samples"]),
-            "samples": [s["response"] for s in m["samples"][:3]],
-        }
-        if "pairwise_accuracy" in m:
-            out[name]["pairwise_accuracy"] = m["pairwise_accuracy"]
-    return out

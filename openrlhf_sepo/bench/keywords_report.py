@@ -18,7 +18,8 @@ SCORERS = ("oracle", "token_rm", "oracle_x")
 METRICS = ("ground_truth_reward", "format_validity", "kl_to_sft", "win_rate_vs_sft", "pairwise_accuracy")
 LABELS = {"ground_truth_reward": "ground truth", "format_validity": "format validity", "kl_to_sft": "KL to SFT",
           "win_rate_vs_sft": "win rate vs SFT", "pairwise_accuracy": "pairwise acc.",
-          "selection_precision": "selection precision", "training_tokens": "training tokens"}
+          "selection_precision": "selection precision", "training_tokens": "training tokens",
+          "cue_rate": "spurious cue rate"}
 COLORS = {"sepo": "tab:green", "sepo_exclude_prefix": "tab:brown", "sepo_paper_exclude_prefix": "tab:cyan",
           "sepo_paper": "olive",
           "sepo_random": "tab:gray", "sepo_truth": "black", "dpo": "tab:blue", "simpo": "tab:orange"}
@@ -36,7 +37,8 @@ def write_report(bench) -> dict:
     strong = [m for m in bench.methods if spec.METHODS[m]["policy"] == "strong"]
     models = (["sft", "oracle", *weak] if weak else []) + (["strong_sft", *strong] if strong else [])
 
-    per_seed = _per_seed(evaluations, seeds, models)
+    metric_names = METRICS + (("cue_rate",) if spec.testbed else ())
+    per_seed = _per_seed(evaluations, seeds, models, metric_names)
     summary = summarize(per_seed)
     wall = _wall_times(bench)
     metrics = {metric: {m: mv[0] for m, mv in summary[metric].items()} for metric in summary}
@@ -47,7 +49,9 @@ def write_report(bench) -> dict:
         per_seed=per_seed,
         seeds=seeds,
         task={"variant": spec.task, "label_noise": spec.label_noise, "ood": spec.ood, "policy_steps": bench.steps,
-              "global_batch": BATCH, **bench.size},
+              "global_batch": BATCH, **bench.size, **(spec.testbed.as_dict() if spec.testbed else {}),
+              "mean_response_tokens": sum(e["selection"]["mean_response_tokens"] for e in evaluations.values())
+              / len(evaluations)},
         settings={m: bench.settings[m] for m in bench.methods},
         weak_to_strong={m: summary["ground_truth_reward"][m][0] for m in (["strong_sft", *strong] if strong else [])},
     )
@@ -62,10 +66,10 @@ def write_report(bench) -> dict:
     return metrics
 
 
-def _per_seed(evaluations, seeds, models) -> dict:
+def _per_seed(evaluations, seeds, models, metric_names) -> dict:
     """{metric: {model: [value per seed]}}: the final metrics, and the training selection of the selective runs."""
     per_seed = {metric: {m: [evaluations[s]["final"][m][metric] for s in seeds] for m in models}
-                for metric in METRICS}
+                for metric in metric_names}
     selection = {key: {m: [evaluations[s]["selection"][key][m] for s in seeds]
                        for m in evaluations[seeds[0]]["selection"][key]}
                  for key in ("precision", "recall", "training_tokens")}
@@ -121,8 +125,13 @@ def _selection_metrics(evaluations, seeds) -> dict:
 
 def _markdown(bench, evaluations, models, summary, metrics, wall):
     spec, seeds = bench.spec, bench.seeds
+    names = [m for m in (*METRICS, "cue_rate") if m in summary]
+    knobs = ", ".join(f"{k} {v}" for k, v in spec.testbed.as_dict().items()) if spec.testbed else ""
     lines = [
         "# SePO benchmark on the embedded key-word task", "",
+        *([f"Testbed task: {knobs}; mean response {metrics['task']['mean_response_tokens']:.1f} tokens, key-token "
+           f"base rate {metrics['key_token_base_rate']:.3f}. Spurious cue rate: the share of an answer's non-key "
+           "words that are the cue's (the truth ignores them).", ""] if spec.testbed else []),
         f"Task variant `{spec.task}` (label noise {spec.label_noise}"
         f"{'; out of distribution: oracle and policy pairs from disjoint topic and filler slices' if spec.ood else ''}"
         f"); seeds {seeds} (each redraws data, "
@@ -131,11 +140,11 @@ def _markdown(bench, evaluations, models, summary, metrics, wall):
         "(Student t), on test prompts whose "
         "topics no training row and no validation prompt uses. KL and win rate are against the model's own SFT "
         "start (w2s_* rows: the strong SFT model).", "",
-        "| model | " + " | ".join(LABELS[m] for m in (*METRICS, "selection_precision", "training_tokens")) + " |",
-        "|---" * (len(METRICS) + 3) + "|",
+        "| model | " + " | ".join(LABELS[m] for m in (*names, "selection_precision", "training_tokens")) + " |",
+        "|---" * (len(names) + 3) + "|",
     ]
     for m in models:
-        cells = [format_ci(*summary[metric][m], signed=metric == "ground_truth_reward") for metric in METRICS]
+        cells = [format_ci(*summary[metric][m], signed=metric == "ground_truth_reward") for metric in names]
         prec = summary["selection_precision"].get(m)
         cells.append(format_ci(*prec) if prec else "-")
         tok = summary["training_tokens"].get(m)

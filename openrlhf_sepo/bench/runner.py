@@ -6,7 +6,8 @@ every task-specific name from the spec it was given, never from a module; a spec
 sizes and settings from the ``Benchmark`` it is handed. What a spec provides:
 
   NAME              the console tag (``[demo] stage1 ...``)
-  METHODS           {method: its description}; QUICK_METHODS (``--quick``'s); SIZES {"full", "quick"} -> sizes
+  METHODS           {method: its description}; DEFAULT_METHODS (a run without --methods); QUICK_METHODS
+                    (``--quick``'s); SIZES {"full", "quick"} -> sizes
                     (each with ``n_policy`` and ``policy_epochs``); GRID; OBJECTIVE (text) and OBJECTIVE_KEY (the
                     validation metric that is maximised); SETTINGS_FILE (the committed tuned settings)
   POLICY_LAUNCH     the name of the benchmark run's policy launch
@@ -53,7 +54,7 @@ class Benchmark:
         self.out = os.path.abspath(args.output_dir)
         self.size = spec.SIZES["quick" if args.quick else "full"]
         self.methods = [m.strip() for m in args.methods.split(",")] if args.methods else (
-            list(spec.QUICK_METHODS) if args.quick else list(spec.METHODS))
+            list(spec.QUICK_METHODS) if args.quick else list(spec.DEFAULT_METHODS))
         unknown = [m for m in self.methods if m not in spec.METHODS]
         if unknown:
             raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(spec.METHODS)}")

@@ -64,7 +64,7 @@ def run(args) -> dict:
 class StyleSpec:
     """The style task for ``bench.runner.Benchmark`` (its docstring lists what a spec provides)."""
 
-    NAME, POLICY_LAUNCH = "tkpo", "policies"
+    NAME, POLICY_LAUNCH, DEFAULT_METHODS = "tkpo", "policies", list(METHODS)
     METHODS, QUICK_METHODS, SIZES, GRID, COMPARISONS = METHODS, QUICK_METHODS, SIZES, GRID, COMPARISONS
     OBJECTIVE, OBJECTIVE_KEY, SETTINGS_FILE = OBJECTIVE, "gated_adherence", SETTINGS_FILE
 

@@ -33,9 +33,23 @@ def build_parser():
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds, each redrawing data, models and runs (default 0,1,2; --quick: 0,1)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(METHODS)}")
-    p.add_argument("--settings", default=SETTINGS_FILE, help="tuned settings (a --sweep's sweep.json)")
-    p.add_argument("--task", default="independent", choices=list(tiny.TASK_VARIANTS), help="pair variant")
-    p.add_argument("--label_noise", type=float, default=0.0, help="fraction of training pairs flipped")
+    p.add_argument("--settings", default=None,
+                   help="tuned settings (a --sweep's sweep.json; default: the task's, bench/testbed_settings.json or, "
+                        "for tiny's variants, bench/demo_settings.json)")
+    p.add_argument("--task", default="testbed", choices=["testbed", *tiny.TASK_VARIANTS],
+                   help="testbed (openrlhf_sepo.testbed, the knobs below) or one of tiny's saturated pair variants")
+    p.add_argument("--label_noise", type=float, default=None,
+                   help="fraction of training pairs flipped (default: testbed 0.1, tiny's variants 0)")
+    t = p.add_argument_group("testbed knobs (--task testbed; openrlhf_sepo.testbed.Task)")
+    t.add_argument("--length", type=int, default=64, help="words per answer, about its tokens")
+    t.add_argument("--density", type=float, default=0.08, help="key words per answer word (n_keys = density*length)")
+    t.add_argument("--no_context", action="store_true",
+                   help="key words right or wrong for every prompt (default: the prompt's reader decides)")
+    t.add_argument("--flaw_rate", type=float, default=0.5, help="share of pairs whose chosen answer holds wrong words")
+    t.add_argument("--flaws", type=float, default=0.34,
+                   help="share of a flawed pair's key slots flipped (chosen wrong, rejected right); < 0.5")
+    t.add_argument("--cue", type=float, default=0.3,
+                   help="spurious cue: share of chosen answers' filler words that are cue words (0: off)")
     p.add_argument("--ood", action="store_true",
                    help="out-of-distribution data: the oracle's pairs from one half of the topics and filler words "
                         "(tiny.OOD_SLICES), the policies' pairs from the other")
@@ -47,7 +61,7 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not 0.0 <= args.label_noise < 0.5:
+    if args.label_noise is not None and not 0.0 <= args.label_noise < 0.5:
         raise SystemExit(f"--label_noise must be in [0, 0.5), got {args.label_noise}")
     run(args)
     return 0
