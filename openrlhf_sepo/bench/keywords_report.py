@@ -20,9 +20,6 @@ LABELS = {"ground_truth_reward": "ground truth", "format_validity": "format vali
           "win_rate_vs_sft": "win rate vs SFT", "pairwise_accuracy": "pairwise acc.",
           "selection_precision": "selection precision", "training_tokens": "training tokens",
           "cue_rate": "spurious cue rate"}
-COLORS = {"sepo": "tab:green", "sepo_exclude_prefix": "tab:brown", "sepo_paper_exclude_prefix": "tab:cyan",
-          "sepo_paper": "olive",
-          "sepo_random": "tab:gray", "sepo_truth": "black", "dpo": "tab:blue", "simpo": "tab:orange"}
 # Done markers whose seconds the wall-time table reports (besides the methods' own and their loop rounds').
 STAGES = ("data", "sft", "strong_sft", "oracle", "scores", "truth", "evaluate", "token_rm", "scores_token_rm",
           "sft_x", "oracle_x", "scores_x")
@@ -207,91 +204,231 @@ def _settings_lines(bench) -> list:
     return lines
 
 
+# --- the plots -------------------------------------------------------------------------------------------------------
+# Each plotted metric's natural range: every interval drawn (error bar, band) is clipped to it (``clip_interval``).
+BOUNDS = {"ground_truth_reward": (-1.0, 1.0), "kl_to_sft": (0.0, float("inf")), "format_validity": (0.0, 1.0),
+          "win_rate_vs_sft": (0.0, 1.0), "pairwise_accuracy": (0.0, 1.0), "selection_precision": (0.0, 1.0),
+          "selection_recall": (0.0, 1.0), "cue_rate": (0.0, 1.0)}
+# Each method's (colour, marker), whatever subset a run trains: the colours differ within every panel (a family and
+# the references), the pairs across all methods; a w2s_* method takes its weak counterpart's colour (no weak method
+# shares its panel). A name not listed gets a pair from its name (``_style``).
+STYLES = {
+    # selective
+    "sepo": ("tab:green", "o"), "sepo_exclude_prefix": ("tab:brown", "v"), "sepo_paper": ("tab:purple", "D"),
+    "sepo_paper_exclude_prefix": ("tab:pink", "^"), "sepo_nll_skip": ("tab:cyan", "P"),
+    "confidence": ("tab:orange", "X"),
+    # sequence level
+    "dpo_nll": ("tab:blue", "s"), "dpo": ("tab:cyan", "v"), "simpo_nll": ("tab:red", "D"), "simpo": ("tab:orange", "^"),
+    "sft_chosen": ("tab:brown", "X"),
+    # token reward model
+    "sepo_token_rm": ("tab:purple", "P"), "wmle": ("tab:red", "^"), "wmle_onpolicy": ("tab:orange", "v"),
+    # controls
+    "sepo_truth": ("black", "D"), "sepo_random": ("tab:gray", "v"), "wmle_truth": ("tab:red", "X"),
+    "sepo_truth_nll_skip": ("tab:pink", "P"),
+    # weak to strong
+    "w2s_sepo": ("tab:green", "h"), "w2s_dpo_nll": ("tab:blue", "H"), "w2s_simpo_nll": ("tab:red", "d"),
+    "w2s_x_sepo": ("tab:pink", "p"),
+}
+PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
+           "tab:olive", "tab:cyan", "black")
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "h", "H", "d", "p", "<", ">")  # "*" marks the SFT model
+# The weak policy's panels, in this order (``_family`` places a method); the strong policy's methods share one more.
+FAMILIES = {"selective": "selective (SePO and kin)", "sequence": "sequence level", "token_rm": "token reward model",
+            "controls": "controls (dashed)", "other": "other methods"}
+REFERENCES = ("sepo", "dpo_nll")  # drawn faint in every weak panel they are not members of
+
+
+def clip_interval(metric, mean, half_width) -> tuple:
+    """The interval ``mean ± half_width`` clipped to the metric's ``BOUNDS``: ``(low, high)``, both within them; a NaN
+    half-width (one seed) gives the point alone."""
+    lo, hi = BOUNDS[metric]
+    half_width = 0.0 if half_width != half_width else half_width
+    return min(max(lo, mean - half_width), hi), max(min(hi, mean + half_width), lo)
+
+
+def _errors(metric, means, half_widths) -> list:
+    """matplotlib's asymmetric error lengths ``[below, above]`` of the clipped intervals; none for a mean that lies
+    outside the bounds itself (a KL estimate below 0), so that no bar leaves them."""
+    lo, hi = BOUNDS[metric]
+    below, above = [], []
+    for mean, hw in zip(means, half_widths):
+        low, high = clip_interval(metric, mean, hw) if lo <= mean <= hi else (mean, mean)
+        below.append(mean - low)
+        above.append(high - mean)
+    return [below, above]
+
+
+def _family(method) -> str:
+    """The key in ``FAMILIES`` of a weak-policy method, by its name (``weak_to_strong`` for a w2s_* one)."""
+    if method.startswith("w2s_"):
+        return "weak_to_strong"
+    if "_truth" in method or method.endswith("_random"):
+        return "controls"
+    if method == "sepo_token_rm" or method.startswith("wmle"):
+        return "token_rm"
+    if method.startswith("sepo") or method == "confidence":
+        return "selective"
+    if method.startswith(("dpo", "simpo")) or method == "sft_chosen":
+        return "sequence"
+    return "other"
+
+
+def _style(method) -> dict:
+    """The method's matplotlib color, marker and linestyle (dashed: a control). Not in ``STYLES``: a pair no listed
+    method has, picked from the name alone (two unlisted names may share one)."""
+    if method in STYLES:
+        color, marker = STYLES[method]
+    else:
+        taken = set(STYLES.values())
+        free = [(c, m) for m in MARKERS for c in PALETTE if (c, m) not in taken]
+        color, marker = free[sum((i + 1) * ord(ch) for i, ch in enumerate(method)) % len(free)]
+    return dict(color=color, marker=marker, linestyle="--" if _family(method) == "controls" else "-")
+
+
+def _panels(weak, strong) -> list:
+    """(title, SFT model, methods, references) per panel: each family of the weak policy's methods that ran, then the
+    strong policy's methods."""
+    panels = []
+    for key, title in FAMILIES.items():
+        members = [m for m in weak if _family(m) == key]
+        if members:
+            panels.append((f"weak policy: {title}", "sft", members,
+                           [r for r in REFERENCES if r in weak and r not in members]))
+    if strong:
+        panels.append(("strong policy (hidden 128), weak oracle", "strong_sft", strong, []))
+    return panels
+
+
+def _curve(evaluations, seeds, method, metric):
+    """(steps, means, 95% half-widths) of a method's checkpoints over the seeds."""
+    steps = sorted(evaluations[seeds[0]]["curves"][method], key=int)
+    stats = [mean_ci95([evaluations[s]["curves"][method][st][metric] for s in seeds]) for st in steps]
+    return [int(st) for st in steps], [x[0] for x in stats], [x[1] for x in stats]
+
+
 def _plots(bench, evaluations, weak, strong, metrics):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = ([("weak policy (hidden 64)", "sft", weak)] if weak else []) + (
-        [("strong policy (hidden 128), weak oracle", "strong_sft", strong)] if strong else [])
-    for name, plot, shape in (("frontier.png", _frontier, (1, len(families), (6.5 * len(families), 4.6))),
-                              ("reward_curve.png", _curves, (1, 2, (12, 4.2))),
-                              ("selection.png", _selection_bars, (1, 2, (11, 3.8)))):
-        fig, axes = plt.subplots(shape[0], shape[1], figsize=shape[2], squeeze=False)
-        plot(fig, axes[0], bench, evaluations, families, weak + strong, metrics)
-        fig.tight_layout()
+    panels = _panels(weak, strong)
+    for name, plot in (("frontier.png", _frontier), ("reward_curve.png", _curves),
+                       ("selection.png", _selection_bars)):
+        fig = plot(plt, bench.seeds, evaluations, panels, metrics)
         fig.savefig(bench.path(name), dpi=120)
         plt.close(fig)
 
 
-def _style(bench, method):
-    base = method.removeprefix("w2s_").removesuffix("_nll")
-    return COLORS.get(base, "tab:purple"), "-" if bench.spec.METHODS[method]["nll"] else ":"  # dotted: no NLL term
-
-
-def _frontier(fig, axes, bench, evaluations, families, methods, metrics):
-    """Ground truth against KL, along each method's checkpoints; the final point with its 95% intervals."""
-    seeds = bench.seeds
-    for ax, (title, sft, family) in zip(axes, families):
-        for m in family:
-            steps = sorted(evaluations[seeds[0]]["curves"][m], key=int)
-            kl = [sum(evaluations[s]["curves"][m][st]["kl_to_sft"] for s in seeds) / len(seeds) for st in steps]
-            gt = [sum(evaluations[s]["curves"][m][st]["ground_truth_reward"] for s in seeds) / len(seeds)
-                  for st in steps]
-            color, line = _style(bench, m)
-            ax.plot(kl, gt, marker="o", markersize=3, color=color, linestyle=line, alpha=0.8, label=m)
-            ax.errorbar(kl[-1], gt[-1], xerr=metrics["ci95"]["kl_to_sft"][m],
-                        yerr=metrics["ci95"]["ground_truth_reward"][m], color=color, capsize=3, marker="s")
-        ax.scatter([0], [metrics["ground_truth_reward"][sft]], color="red", marker="*", s=120, zorder=5, label=sft)
-        ax.set_xlabel("KL to the SFT model (nats per answer, from the policy's samples)")
-        ax.set_ylabel("ground-truth reward (test prompts)")
-        ax.set_title(title)
+def _frontier(plt, seeds, evaluations, panels, metrics):
+    """Ground truth against KL along each method's checkpoints, a panel per family; the final point larger, with its
+    95% intervals (a reference's without)."""
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 4.5 * nrows), squeeze=False)
+    axes = list(grid.flat)
+    for ax, (title, sft, members, refs) in zip(axes, panels):
+        for m in refs + members:
+            style, faint = _style(m), m in refs
+            kl = _curve(evaluations, seeds, m, "kl_to_sft")[1]
+            gt = _curve(evaluations, seeds, m, "ground_truth_reward")[1]
+            ax.plot(kl, gt, **style, markersize=3, linewidth=1.0 if faint else 1.5, alpha=0.3 if faint else 0.85,
+                    label=f"{m} (reference)" if faint else m)
+            final = dict(color=style["color"], marker=style["marker"], linestyle="none", markeredgecolor="white",
+                         markeredgewidth=0.6)
+            if faint:
+                ax.plot(kl[-1:], gt[-1:], markersize=5, alpha=0.3, **final)
+            else:
+                ax.errorbar(kl[-1:], gt[-1:], markersize=7, capsize=3, **final,
+                            xerr=_errors("kl_to_sft", kl[-1:], [metrics["ci95"]["kl_to_sft"][m]]),
+                            yerr=_errors("ground_truth_reward", gt[-1:], [metrics["ci95"]["ground_truth_reward"][m]]))
+        ax.scatter([0], [metrics["ground_truth_reward"][sft]], color="gold", edgecolor="black", marker="*", s=170,
+                   zorder=5, label=sft)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("KL to the SFT model (nats per answer)", fontsize=9)
+        ax.set_ylabel("ground-truth reward (test prompts)", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
+    weak = [ax for ax, panel in zip(axes, panels) if panel[1] == "sft"]
+    for ax in weak[1:]:  # one scale for the weak policy's panels, so that they compare
+        ax.sharex(weak[0])
+        ax.sharey(weak[0])
+    if weak:
+        weak[0].autoscale()
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    note = [f"Each checkpoint a point (mean over {len(seeds)} seeds);", "the final one larger, with 95% intervals",
+            "clipped to KL >= 0 and ground truth in [-1, 1].", f"Faint: the references ({', '.join(REFERENCES)}).",
+            "Dashed: the controls. Star: the SFT start."]
+    if len(axes) > len(panels):
+        axes[-1].text(0.0, 0.5, "\n".join(note), fontsize=10, va="center", linespacing=1.6,
+                      transform=axes[-1].transAxes)
+    else:
+        fig.suptitle(" ".join(note), fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
-def _curves(fig, axes, bench, evaluations, families, methods, metrics):
-    """Ground truth and format validity against the step, mean over seeds with a 95% band."""
-    seeds = bench.seeds
-    for ax, metric in zip(axes, ("ground_truth_reward", "format_validity")):
-        for m in methods:
-            steps = sorted(evaluations[seeds[0]]["curves"][m], key=int)
-            stats = [mean_ci95([evaluations[s]["curves"][m][st][metric] for s in seeds]) for st in steps]
-            mean = [x[0] for x in stats]
-            hw = [x[1] if x[1] == x[1] else 0.0 for x in stats]
-            color, line = _style(bench, m)
-            x = [int(st) for st in steps]
-            ax.plot(x, mean, color=color, linestyle=line, marker="o", markersize=3, label=m,
-                    alpha=0.5 if m.startswith("w2s_") else 1.0)
-            ax.fill_between(x, [a - b for a, b in zip(mean, hw)], [a + b for a, b in zip(mean, hw)], color=color,
-                            alpha=0.08)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(LABELS[metric])
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Mean over {len(seeds)} seeds, 95% bands")
+def _curves(plt, seeds, evaluations, panels, metrics):
+    """Ground truth and format validity against the step, a column per family: mean over seeds, 95% band."""
+    rows = ("ground_truth_reward", "format_validity")
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(4.2 * len(panels), 8.0), squeeze=False, sharex=True,
+                             sharey="row", layout="constrained")
+    for col, (title, sft, members, refs) in enumerate(panels):
+        for row, metric in enumerate(rows):
+            ax = axes[row][col]
+            for m in refs + members:
+                style, faint = _style(m), m in refs
+                x, mean, hw = _curve(evaluations, seeds, m, metric)
+                ax.plot(x, mean, **style, markersize=3.5, linewidth=1.0 if faint else 1.5,
+                        alpha=0.3 if faint else 0.9, label=f"{m} (reference)" if faint else m)
+                if not faint:
+                    low, high = zip(*(clip_interval(metric, a, b) for a, b in zip(mean, hw)))
+                    ax.fill_between(x, low, high, color=style["color"], alpha=0.1, linewidth=0)
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(LABELS[metric])
+            if row == len(rows) - 1:
+                ax.set_xlabel("optimizer step")
+        axes[0][col].set_title(title, fontsize=9)
+        axes[-1][col].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    fig.suptitle(f"Mean over {len(seeds)} seeds, 95% bands (clipped to each metric's range)", fontsize=10)
+    return fig
 
 
-def _selection_bars(fig, axes, bench, evaluations, families, methods, metrics):
-    """Each selective policy's training selection, and each scorer's by k, against the key-token base rate."""
+def _selection_bars(plt, seeds, evaluations, panels, metrics):
+    """Each selective policy's training selection (bars in its colour), and each scorer's by k, against the key-token
+    base rate; precision solid, recall hatched."""
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    sides = {"precision": dict(alpha=0.9), "recall": dict(alpha=0.45, hatch="//", edgecolor="white")}
     names = list(metrics["selection_precision"])
-    x = range(len(names))
-    for offset, key in ((-0.2, "selection_precision"), (0.2, "selection_recall")):
-        axes[0].bar([i + offset for i in x], [metrics[key][n] for n in names], width=0.4,
-                    yerr=[metrics["ci95"][key][n] for n in names], label=key.split("_")[1], capsize=2)
-    axes[0].set_xticks(list(x), names, rotation=20, fontsize=8)
-    axes[0].set_title("Training selection vs planted key tokens")
+    for offset, side in zip((-0.2, 0.2), sides):
+        key = f"selection_{side}"
+        means = [metrics[key][n] for n in names]
+        axes[0].bar([i + offset for i in range(len(names))], means, width=0.4, capsize=2, **sides[side],
+                    color=[_style(n)["color"] for n in names],
+                    yerr=_errors(key, means, [metrics["ci95"][key][n] for n in names]))
+    axes[0].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    axes[0].set_title("Training selection vs planted key tokens", fontsize=10)
     scorers = metrics["scorer_selection"]
     ks = list(scorers["oracle"]["precision"])
     width = 0.8 / (2 * len(scorers))
-    for n, (scorer, side) in enumerate((sc, sd) for sc in scorers for sd in ("precision", "recall")):
+    for n, (scorer, side) in enumerate((sc, sd) for sc in scorers for sd in sides):
         values = [scorers[scorer][side][k] for k in ks]
         axes[1].bar([i - 0.4 + (n + 0.5) * width for i in range(len(ks))], [v[0] for v in values], width=width,
-                    yerr=[v[1] if v[1] == v[1] else 0 for v in values], capsize=2, label=f"{scorer} {side}")
+                    yerr=_errors(f"selection_{side}", [v[0] for v in values], [v[1] for v in values]), capsize=2,
+                    color=PALETTE[list(scorers).index(scorer)], **sides[side], label=f"{scorer} {side}")
     axes[1].set_xticks(range(len(ks)), [f"k={k}" for k in ks])
-    axes[1].set_title("Scorer selection by k")
+    axes[1].set_title("Scorer selection by k", fontsize=10)
     for ax in axes:
         ax.axhline(metrics["key_token_base_rate"], color="black", linestyle="--", label="key-token base rate")
-        ax.set_ylim(0, 1.05)
-        ax.legend(fontsize=7)
+        ax.set_ylim(0, 1.02)
+    axes[0].legend(handles=[Patch(facecolor="gray", **sides["precision"], label="precision"),
+                            Patch(facecolor="gray", **sides["recall"], label="recall"), axes[0].lines[-1]],
+                   fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(f"Mean over {len(seeds)} seeds, 95% intervals clipped to [0, 1]", fontsize=10)
+    fig.tight_layout()
+    return fig
