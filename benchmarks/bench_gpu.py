@@ -77,6 +77,7 @@ class KeyTokens(NamedTuple):
     prompt_id_lens: list
     chosen_mask: torch.Tensor
     rejected_mask: torch.Tensor
+    chosen_nll_skip: torch.Tensor = None
 
 
 class MasterWeightAdam:

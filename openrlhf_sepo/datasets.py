@@ -3,7 +3,8 @@
 The scores dirs are read, checked and concatenated by ``scores_dir.load`` (the format's one owner: score j of a
 side belongs to the token at absolute position ``prompt_len + j``). The ids are exactly those OpenRLHF's
 ``RewardDataset(is_dpo=True)`` made at scoring time, so training reads them as they are and never re-tokenizes;
-``TokenScoreDataset`` adds the key-token selection. ``DataStrategy``, ``ScoreDataError`` and ``read_manifest`` are
+``TokenScoreDataset`` adds the key-token selection (and, with ``nll_skip_bad``, the chosen tokens the NLL term
+skips). ``DataStrategy``, ``ScoreDataError`` and ``read_manifest`` are
 re-exported from their homes (``rows``, ``scores_dir``) for the imports that name them here.
 """
 
@@ -15,9 +16,13 @@ from torch.utils.data import Dataset
 
 from openrlhf_sepo.rows import DataStrategy  # noqa: F401  (re-exported: its documented home before rows.py)
 from openrlhf_sepo.scores_dir import ScoreDataError, list_column, load, padded_chunks, read_manifest  # noqa: F401
-from openrlhf_sepo.scoring import num_selected, select_key_tokens
+from openrlhf_sepo.scoring import bad_key_tokens, num_selected, select_key_tokens
 
-SELECTION_MODES = ("per_response", "global", "random")
+# Made from the scores at load (TokenScoreDataset), or, "confidence" (ConfPO's rule), by the trainer in each step
+# from the policy's own log-probs (scoring.low_confidence_tokens).
+SCORE_SELECTIONS = ("per_response", "global", "random")
+STEP_SELECTIONS = ("confidence",)
+SELECTION_MODES = SCORE_SELECTIONS + STEP_SELECTIONS
 
 
 class KeyTokens(NamedTuple):
@@ -25,11 +30,25 @@ class KeyTokens(NamedTuple):
 
     ``chosen_mask`` is [B, Lc-1] and ``rejected_mask`` [B, Lr-1] (bool) for chosen / rejected ids of width Lc /
     Lr, in log-prob layout: entry t is True iff the token ids[t+1] is selected. Prompt and padding are False.
+    ``chosen_nll_skip`` ([B, Lc-1] bool, same layout; None unless ``nll_skip_bad``): the chosen tokens the NLL term
+    leaves out. ``as_key_tokens`` makes one, with no masks, of a plain OpenRLHF ``RewardDataset`` batch's prompt
+    lengths (the ``confidence`` selection, made in the step, needs none).
     """
 
     prompt_id_lens: list
-    chosen_mask: torch.Tensor
-    rejected_mask: torch.Tensor
+    chosen_mask: torch.Tensor | None
+    rejected_mask: torch.Tensor | None
+    chosen_nll_skip: torch.Tensor | None = None
+
+
+def as_key_tokens(extra) -> KeyTokens:
+    """A batch's 5th element as a ``KeyTokens``: its fields when it has them (a ``KeyTokens``, or a tuple of the
+    same fields such as benchmarks/bench_gpu.py's copy; a missing ``chosen_nll_skip`` is None), or, for OpenRLHF's
+    ``RewardDataset(is_dpo=True)`` (its prompt lengths, a list), ``KeyTokens(prompt_lengths, None, None)``."""
+    if hasattr(extra, "prompt_id_lens"):
+        return KeyTokens(extra.prompt_id_lens, extra.chosen_mask, extra.rejected_mask,
+                         getattr(extra, "chosen_nll_skip", None))
+    return KeyTokens(list(extra), None, None)
 
 
 def common_prefix_lengths(chosen_flat, chosen_lens, rejected_flat, rejected_lens, prompt_len):
@@ -71,6 +90,9 @@ class TokenScoreDataset(Dataset):
             n = max(1, floor(k * E)), at eligible positions drawn uniformly at random, ignoring the scores; a
             ``torch.Generator`` seeded with ``seed`` draws them, chosen side first, so the masks are a function
             of (ids, k, seed, exclusion) alone and differ between sides and rows.
+            ``confidence`` (ConfPO): every response token; the trainer selects among them in each step from the
+            policy's own probabilities (``scoring.low_confidence_tokens``), so the scores are read and checked but
+            not used, and k is ignored. It cannot be combined with ``exclude_common_prefix`` or ``nll_skip_bad``.
         exclude_common_prefix: the pair's common prefix, its first P response tokens equal in chosen and rejected
             (same context, same token, so the same score and no preference signal), is ineligible on both sides:
             response position j is eligible iff j >= min(P, N - 1) for a response of N tokens (the cap keeps the
@@ -78,11 +100,14 @@ class TokenScoreDataset(Dataset):
             published SePO): every response token is eligible. Off by default because the benchmark
             (docs/benchmark.md) measured no gain from it: none with the NLL term, a loss without it.
         seed: seed of the ``random`` selection (train_sepo passes ``--train.seed``); unused by the other modes.
+        nll_skip_bad: also mark, per chosen response, the tokens the NLL term skips (``scoring.bad_key_tokens``
+            with ``k_rejected``: among its n = max(1, floor(k_rejected * N)) lowest scores over all N response
+            tokens, and below 0), whatever the selection mode and the common prefix.
         max_samples: at most this many rows per scores dir and in total (as OpenRLHF's ``--data.max_samples``).
 
     Item: ``(chosen_ids [1, Lc], chosen_attention, rejected_ids [1, Lr], rejected_attention, prompt_len,
     chosen_mask [1, Lc-1], rejected_mask [1, Lr-1])``: RewardDataset's DPO item plus the two selection masks in
-    log-prob layout. Batch (``collate_fn``): OpenRLHF's DPO 5-tuple ``(chosen_ids, chosen_attention, rejected_ids,
+    log-prob layout; with ``nll_skip_bad``, then the chosen NLL skip mask [1, Lc-1]. Batch (``collate_fn``): OpenRLHF's DPO 5-tuple ``(chosen_ids, chosen_attention, rejected_ids,
     rejected_attention, extra)`` whose ``extra`` is a ``KeyTokens`` (the prompt lengths plus the two padded masks),
     so that OpenRLHF's ``DPOTrainer`` loops unpack it unchanged (see ``trainer.py``).
     """
@@ -99,10 +124,14 @@ class TokenScoreDataset(Dataset):
         max_samples: int = 100000000,
         exclude_common_prefix: bool = False,
         seed: int = 0,
+        nll_skip_bad: bool = False,
     ) -> None:
         super().__init__()
         if selection not in SELECTION_MODES:
             raise ScoreDataError(f"selection must be one of {SELECTION_MODES}, got {selection!r}")
+        if selection in STEP_SELECTIONS and (exclude_common_prefix or nll_skip_bad):
+            raise ScoreDataError(f"the {selection} selection is made in the step from the policy's probabilities: "
+                                 "it takes neither exclude_common_prefix nor nll_skip_bad")
         for name, k in (("k_chosen", k_chosen), ("k_rejected", k_rejected)):
             if not 0.0 < k <= 1.0:
                 raise ScoreDataError(f"{name} must be in (0, 1], got {k}")
@@ -110,7 +139,7 @@ class TokenScoreDataset(Dataset):
         self.max_length = max_length
         self.strategy = strategy
         self.k_chosen, self.k_rejected, self.selection = k_chosen, k_rejected, selection
-        self.exclude_common_prefix, self.seed = exclude_common_prefix, seed
+        self.exclude_common_prefix, self.seed, self.nll_skip_bad = exclude_common_prefix, seed, nll_skip_bad
         log = strategy.print if strategy is not None else print
 
         scores = load(dataset, tokenizer, max_length, max_samples=max_samples, log=log,
@@ -131,9 +160,14 @@ class TokenScoreDataset(Dataset):
             # first eligible response position per row: min(P, N - 1), or 0 when nothing is excluded
             excluded = np.minimum(self.common_prefix, lengths - 1) if exclude_common_prefix else np.zeros_like(lengths)
             excluded_total += int(excluded.sum())
+            self.offsets[side] = np.concatenate([[0], np.cumsum(lengths)])
+            if nll_skip_bad and side == "chosen":  # from the scores themselves, before random replaces them
+                self.nll_skip = self._bad_tokens(values, torch.from_numpy(lengths), k_rejected)
+            if selection in STEP_SELECTIONS:  # every response token: the trainer selects among them in the step
+                self.selected[side] = np.ones(len(values), dtype=bool)
+                continue
             if selection == "random":  # uniform keys, drawn whatever the scores, then per_response's rule
                 values = torch.rand(len(values), generator=generator, dtype=torch.float64)
-            self.offsets[side] = np.concatenate([[0], np.cumsum(lengths)])
             self.selected[side] = self._select(
                 values, torch.from_numpy(lengths), torch.from_numpy(excluded), k, largest, log
             )
@@ -146,7 +180,22 @@ class TokenScoreDataset(Dataset):
         else:
             log(f"TokenScoreDataset: {pairs_with_prefix}/{total} pairs have a common response prefix "
                 f"({2 * int(self.common_prefix.sum())} tokens, both sides), kept selectable")
-        log(f"TokenScoreDataset: {total} pairs, {selection} selection keeps {kept}/{scored} response tokens")
+        if selection in STEP_SELECTIONS:
+            log(f"TokenScoreDataset: {total} pairs, {scored} response tokens; the {selection} selection is made in "
+                "each training step from the policy's probabilities (the scores are not used, nor k)")
+        else:
+            log(f"TokenScoreDataset: {total} pairs, {selection} selection keeps {kept}/{scored} response tokens")
+        if nll_skip_bad:
+            log(f"TokenScoreDataset: the NLL term skips {int(self.nll_skip.sum())}/{len(self.nll_skip)} chosen "
+                f"response tokens (among each response's lowest k_rejected = {k_rejected} share, and below 0)")
+
+    @staticmethod
+    def _bad_tokens(values, lengths, k):
+        """Flat bool ``scoring.bad_key_tokens`` over all responses of one side (every response token eligible)."""
+        skip = torch.zeros(len(values), dtype=torch.bool)
+        for chunk in padded_chunks(values, lengths):
+            skip[chunk.tokens] = bad_key_tokens(chunk.padded, k, lengths[chunk.rows])[chunk.at]
+        return skip.numpy()
 
     def _select(self, values, lengths, excluded, k, largest, log):
         """Flat bool selection over all responses of one side (see the class docstring for the modes).
@@ -184,10 +233,12 @@ class TokenScoreDataset(Dataset):
     def __len__(self):
         return len(self.data)
 
-    def _logprob_mask(self, side, idx, prompt_len, width):
-        """Selection of row idx in log-prob layout [1, width-1]: score j -> token prompt_len + j -> entry prompt_len + j - 1."""
+    def _logprob_mask(self, side, idx, prompt_len, width, flat=None):
+        """Selection of row idx (or its entries of ``flat``, a per-token mask of this side) in log-prob layout
+        [1, width-1]: score j -> token prompt_len + j -> entry prompt_len + j - 1."""
+        flat = self.selected[side] if flat is None else flat
         mask = torch.zeros(1, width - 1, dtype=torch.bool)
-        mask[0, prompt_len - 1 :] = torch.from_numpy(self.selected[side][self.offsets[side][idx] : self.offsets[side][idx + 1]])
+        mask[0, prompt_len - 1 :] = torch.from_numpy(flat[self.offsets[side][idx] : self.offsets[side][idx + 1]])
         return mask
 
     def __getitem__(self, idx):
@@ -195,7 +246,7 @@ class TokenScoreDataset(Dataset):
         prompt_len = int(self.prompt_lens[idx])
         chosen_ids = torch.tensor(row["chosen_input_ids"], dtype=torch.long).unsqueeze(0)
         rejected_ids = torch.tensor(row["rejected_input_ids"], dtype=torch.long).unsqueeze(0)
-        return (
+        item = (
             chosen_ids,
             torch.ones_like(chosen_ids),
             rejected_ids,
@@ -204,12 +255,15 @@ class TokenScoreDataset(Dataset):
             self._logprob_mask("chosen", idx, prompt_len, chosen_ids.shape[1]),
             self._logprob_mask("rejected", idx, prompt_len, rejected_ids.shape[1]),
         )
+        if self.nll_skip_bad:
+            item += (self._logprob_mask("chosen", idx, prompt_len, chosen_ids.shape[1], self.nll_skip),)
+        return item
 
     def collate_fn(self, item_list):
         """Right-pad as OpenRLHF's ``RewardDataset.collate_fn`` (is_dpo): ids with pad_token_id, masks with 0."""
         from openrlhf.utils.utils import zero_pad_sequences
 
-        chosen_ids, chosen_att, rejected_ids, rejected_att, prompt_lens, chosen_sel, rejected_sel = zip(*item_list)
+        chosen_ids, chosen_att, rejected_ids, rejected_att, prompt_lens, chosen_sel, rejected_sel, *skip = zip(*item_list)
         pad = self.tokenizer.pad_token_id
         return (
             zero_pad_sequences(list(chosen_ids), side="right", value=pad),
@@ -220,5 +274,6 @@ class TokenScoreDataset(Dataset):
                 list(prompt_lens),
                 zero_pad_sequences(list(chosen_sel), side="right", value=False),
                 zero_pad_sequences(list(rejected_sel), side="right", value=False),
+                zero_pad_sequences(list(skip[0]), side="right", value=False) if skip else None,
             ),
         )

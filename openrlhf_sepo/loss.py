@@ -50,3 +50,27 @@ class SePOLoss(nn.Module):
         logits = self.beta * (chosen_u - rejected_u) - self.gamma
         loss = -F.logsigmoid(logits).mean()
         return loss, (self.beta * chosen_u).detach(), (self.beta * rejected_u).detach()
+
+
+def kept_token_nll(logps: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The NLL term over the kept tokens of each chosen response (``--sepo.nll_skip_bad``)::
+
+        NLL = -(1 / |B'|) * sum_{i in B'} (1 / |K_i|) * sum_{t in K_i} log pi_theta(y_t | x, y_<t)
+
+    with K_i the kept tokens of row i (``keep``: its response tokens minus the skipped ones) and B' the rows with at
+    least one kept token. With every response token kept it is OpenRLHF's DPO NLL term (the batch mean of each chosen
+    response's mean log-prob, negated). A row with nothing kept is left out of the mean; with no kept token in the
+    batch the term is 0 (a zero that still belongs to the graph, so backward runs).
+
+    ``logps`` [B, T] per-token log-probs (log-prob layout), ``keep`` [B, T] bool / 0-1 of the same shape -> scalar.
+    ``torch.where``, not a product, so an unkept -inf cannot make the term NaN.
+    """
+    if logps.shape != keep.shape:
+        raise ValueError(f"log-probs {tuple(logps.shape)} and kept-token mask {tuple(keep.shape)} differ in shape")
+    keep = keep.bool()
+    counts = keep.sum(-1)
+    rows = counts > 0
+    sums = torch.where(keep, logps, torch.zeros_like(logps)).sum(-1)
+    if not rows.any():
+        return sums.sum() * 0.0
+    return -(sums[rows] / counts[rows]).mean()

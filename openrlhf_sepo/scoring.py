@@ -10,6 +10,10 @@ Selection, per response of N scored tokens and ratio k in (0, 1]:
 
 With an eligibility mask (``TokenScoreDataset`` makes a pair's common response prefix ineligible), N counts the
 eligible tokens and only they can be selected.
+
+Two more rules on a response's tokens live here: ``low_confidence_tokens`` (ConfPO's selection from the policy's own
+probabilities, made in the training step, no scores) and ``bad_key_tokens`` (the chosen tokens that
+``--sepo.nll_skip_bad`` leaves out of the NLL term).
 """
 
 import functools
@@ -72,6 +76,57 @@ def select_key_tokens(
 
     mask = key_token_ranks(scores, largest, valid, interleaved=eligible is not None) < num_selected(counts, k).unsqueeze(1)
     return mask.squeeze(0) if squeeze else mask
+
+
+def low_confidence_tokens(logps: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """ConfPO's critical tokens (Yoon et al., ICML 2025, arXiv 2506.08712): per response, the tokens to which the
+    policy gives less than the mean of its token probabilities on that response.
+
+    For row i with eligible (response) positions R_i and p_t = exp(logps[i, t])::
+
+        tau_i = (1 / |R_i|) * sum_{t in R_i} p_t          (the arithmetic mean of the probabilities, not of the logs)
+        S_i   = { t in R_i : p_t < tau_i }                 (strictly below: a token at exactly tau_i is not selected)
+        S_i   = R_i  if that set is empty                  (all p_t equal, e.g. a one-token response)
+
+    Source: the paper defines a preference-critical token as one whose probability under the training policy lies
+    below a threshold set per response from the policy's own probabilities; the threshold tau_i (the mean of the
+    probabilities, not of the log-probs) and the strict comparison are read from the authors' released code
+    (``cpo_loss_confpo`` in github.com/hee-suk-yoon/ConfPO, which compares each log-prob with the log of the mean
+    probability over the response's tokens, the prompt and padding masked out). The fallback is ours: the released
+    code drops a pair whose selection is empty on either side from the loss; here such a response keeps all its
+    tokens, so SePOLoss never sees an empty selection (that response then counts as in SimPO). The rule has no
+    ratio k: the number of tokens selected varies by response and by step.
+
+    Args:
+        logps: [B, T] per-token log-probs of the current policy (detached here: the selection carries no gradient).
+        eligible: [B, T] bool (or 0/1), True at the response tokens; other entries are never selected and do not
+            enter the mean.
+    Returns:
+        [B, T] bool mask. Tokens with equal probability are all selected or all not (no tie-breaking is needed);
+        the mean and the comparison are in float64, so the mask is a deterministic function of the inputs.
+    """
+    if logps.shape != eligible.shape:
+        raise ValueError(f"log-probs {tuple(logps.shape)} and eligibility mask {tuple(eligible.shape)} differ in shape")
+    eligible = eligible.bool()
+    probs = torch.where(eligible, logps.detach().double().exp(), torch.zeros((), dtype=torch.float64,
+                                                                             device=logps.device))
+    tau = probs.sum(-1, keepdim=True) / eligible.sum(-1, keepdim=True).clamp(min=1)
+    selected = eligible & (probs < tau)
+    return torch.where(selected.any(-1, keepdim=True), selected, eligible)
+
+
+def bad_key_tokens(scores: torch.Tensor, k: float, lengths: torch.Tensor = None) -> torch.Tensor:
+    """The tokens ``--sepo.nll_skip_bad`` leaves out of the NLL term of a chosen response: those among its
+    bottom-k share of scores that also score below zero::
+
+        B = lowest_n(r) & { t : r_t < 0 },   n = max(1, floor(k * N))
+
+    where ``lowest_n`` is ``select_key_tokens(scores, k, largest=False, lengths)``, the rule that picks a rejected
+    response's key tokens (ties to the earlier position), and N the response's number of tokens. A response with no
+    negative score loses nothing. Same shapes as ``select_key_tokens``: [B, N] (or 1-D) scores, positions
+    >= lengths[i] are padding and never selected; returns a bool mask of the scores' shape.
+    """
+    return select_key_tokens(scores, k, largest=False, lengths=lengths) & (scores < 0)
 
 
 def key_token_ranks(scores: torch.Tensor, largest: bool, valid: torch.Tensor, interleaved: bool = False) -> torch.Tensor:

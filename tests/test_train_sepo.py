@@ -219,6 +219,7 @@ def test_selected_positions_forward_equals_openrlhf_full_forward(tiny_dir, tiny_
         actor = actor.float()
     trainer = object.__new__(SelectiveDPOTrainer)
     trainer.tokenizer, trainer.ref_model, trainer._step_logs, trainer.nll_loss = tokenizer, NoReferenceModel(), {}, nll
+    trainer.confidence = False
     trainer.strategy = SimpleNamespace(ring_attn_group=None)
 
     # Prompt lengths 14, 16, 18 (the tiny prompts all have 14 tokens: the next 0, 2, 4 response tokens are counted

@@ -149,11 +149,14 @@ def check_packing(parser, args):
         parser.error("--ds.ring_attn_size > 1 needs --ds.packing_samples")
 
 
-def check_score_dirs(parser, args):
-    """Every dir of ``--data.dataset`` / ``--eval.dataset`` (comma-separated) is a readable scores dir."""
+def check_score_dirs(parser, args, flags=("--data.dataset", "--eval.dataset")):
+    """Every dir of ``--data.dataset`` / ``--eval.dataset`` (comma-separated; those of ``flags``) is a readable
+    scores dir."""
     from openrlhf_sepo.scores_dir import ScoreDataError, read_manifest
 
     for flag, spec in (("--data.dataset", args.data.dataset), ("--eval.dataset", args.eval.dataset)):
+        if flag not in flags:
+            continue
         for score_dir in (spec or "").split(","):
             if score_dir.strip():
                 try:
