@@ -38,7 +38,7 @@ READERS = {
 }
 CUE_WORDS = ["indeed", "truly", "certainly", "surely", "really", "quite"]
 _OTHER_READER = {"young": "expert", "expert": "young"}
-TEMPLATE_TOKENS = 11  # "The <topic> is" + ". My note for <reader> readers is" + the final ".", about
+TEMPLATE_TOKENS = 8  # "The <topic> is" + ". My note is" + the final ".", about
 _READER_OF = {word: reader for reader, words in READERS.items() for word in words}
 
 
@@ -106,12 +106,17 @@ def _draw_prompt(rng, task, topics):
 
 
 def response(rng: random.Random, task: Task, topic: str, keys: list, cue: float, reader: str = None) -> str:
-    """"The <topic> is <filler>. My note for <reader> readers is <k1> ... <kn>." (no reader: "My note is ..."),
-    about ``task.length`` tokens in all; each filler word is a cue word with probability ``cue``."""
-    count = max(3, task.length - len(keys) - TEMPLATE_TOKENS + rng.randint(-3, 3))
+    """"The <topic> is <filler>. My note is <reader> <k1> <reader> <k2> ... <reader> <kn>." (no reader: "My note is
+    <k1> ... <kn>."), about ``task.length`` tokens in all; each filler word is a cue word with probability ``cue``.
+
+    Why the reader is restated before each key word: the answer must copy the prompt's reader, and the key word then
+    depends on the token before it. A direct dependence on the prompt, 60 tokens back, was not learnable at this
+    model size in the policy's step budget (a probe: imitation needed about 190 steps before the first key word
+    followed the reader at all)."""
+    span = [w for key in keys for w in ((reader, key) if reader else (key,))]
+    count = max(3, task.length - len(span) - TEMPLATE_TOKENS + rng.randint(-3, 3))
     words = [rng.choice(CUE_WORDS) if rng.random() < cue else rng.choice(tiny.FILLER) for _ in range(count)]
-    closing = f"My note for {reader} readers is" if reader else "My note is"
-    return f"The {topic} is " + " ".join(words) + f". {closing} " + " ".join(keys) + "."
+    return f"The {topic} is " + " ".join(words) + ". My note is " + " ".join(span) + "."
 
 
 def _keys(rng, right, wrong, n_right, n) -> list:
@@ -168,23 +173,26 @@ def make_prompts(n: int, task: Task, seed: int = 0, split: str = "test"):
 _WORD = re.compile(r"[a-z]+")
 
 
-_ANSWER = re.compile(r"The ([a-z]+) is ([a-z]+(?: [a-z]+)*)\. My note (?:for ([a-z]+) readers )?is ([a-z]+(?: [a-z]+)*)\.")
+_ANSWER = re.compile(r"The ([a-z]+) is ([a-z]+(?: [a-z]+)*)\. My note is ([a-z]+(?: [a-z]+)*)\.")
 
 
 def parse(text: str, task: Task):
     """The key words of an answer that follows the template, in order, else None. Template: "The <topic> is
-    <filler...>. My note for <reader> readers is <k1> ... <kn>." (``context=False``: "My note is ..."), with filler
-    words from ``tiny.FILLER`` or ``CUE_WORDS``, a reader of ``READERS``, and one or more key words of the task's
-    vocabulary; whitespace around is ignored. The number of key words is left to the reward (a missing one costs)."""
+    <filler...>. My note is <reader> <k1> ... <reader> <kn>." (``context=False``: "My note is <k1> ... <kn>."),
+    with filler words from ``tiny.FILLER`` or ``CUE_WORDS``, readers from ``READERS`` (any: the truth reads the
+    prompt's) and one or more key words of the task's vocabulary; whitespace around is ignored. The number of key
+    words is left to the reward (a missing one costs)."""
     match = _ANSWER.fullmatch(text.strip())
-    if match is None or (match.group(3) is not None) != task.context:
+    if match is None:
         return None
-    filler, reader, keys = match.group(2).split(), match.group(3), match.group(4).split()
-    if reader is not None and reader not in READERS:
+    filler, span = match.group(2).split(), match.group(3).split()
+    if task.context:
+        if len(span) % 2 or not all(r in READERS for r in span[::2]):
+            return None
+        span = span[1::2]
+    if not all(w in tiny.FILLER or w in CUE_WORDS for w in filler) or not all(w in task.vocabulary for w in span):
         return None
-    if not all(w in tiny.FILLER or w in CUE_WORDS for w in filler) or not all(w in task.vocabulary for w in keys):
-        return None
-    return keys
+    return span
 
 
 def is_well_formed(text: str, task: Task) -> bool:

@@ -131,19 +131,21 @@ def test_spurious_cue_goes_with_preference_but_not_with_truth():
 def test_format_and_reward_rules():
     task = tb.Task(density=0.03)  # 2 keys
     prompt = "Write a short note about the lake for young readers."
-    good = "The lake is calm water indeed. My note for young readers is simple playful."
+    good = "The lake is calm water indeed. My note is young simple young playful."
     assert tb.parse(good, task) == ["simple", "playful"]
     assert tb.ground_truth_reward(prompt, good, task) == 1.0
-    assert tb.ground_truth_reward(prompt, good.replace(" playful", ""), task) == 0.5  # a missing key costs
-    extra = good.replace("playful", "playful technical")  # an extra wrong key word gains nothing
+    assert tb.ground_truth_reward(prompt, good.replace(" young playful", ""), task) == 0.5  # a missing key costs
+    extra = good.replace("playful", "playful young technical")  # an extra wrong key word gains nothing
     assert tb.is_well_formed(extra, task) and tb.ground_truth_reward(prompt, extra, task) == pytest.approx(1 / 3)
     # the reader the answer restates does not change the truth: the prompt's reader does
-    assert tb.ground_truth_reward(prompt, good.replace("young readers", "expert readers"), task) == 1.0
-    for bad in ("The lake is calm water. My note for young readers is.", "The lake is. My note for young readers is simple.",
-                "lake is calm. My note for young readers is simple.", good[:-1], good.replace("calm", "unknownword"),
-                good.replace("simple", "calm"), good.replace("young", "old"), good.replace(" for young readers", "")):
+    assert tb.ground_truth_reward(prompt, good.replace("young", "expert"), task) == 1.0
+    for bad in ("The lake is calm water. My note is.", "The lake is. My note is young simple.",
+                "lake is calm. My note is young simple.", good[:-1], good.replace("calm", "unknownword"),
+                good.replace("simple", "calm"), good.replace("young simple", "old simple"),
+                good.replace("young simple", "simple"), good.replace(" My note", "")):
         assert not tb.is_well_formed(bad, task), bad
     assert tb.is_well_formed("The lake is calm. My note is accurate kind.", tb.Task(context=False))
+    assert not tb.is_well_formed("The lake is calm. My note is young accurate.", tb.Task(context=False))
     with pytest.raises(ValueError, match="no reader"):
         tb.ground_truth_reward("Write a short note about the lake.", good, task)
 
@@ -151,11 +153,11 @@ def test_format_and_reward_rules():
 def test_token_signs_are_exact_when_bpe_splits_a_word(tokenizer):
     task = tb.Task()
     prompt = "Write a short note about the lake for expert readers."
-    text = "The lake is calm water. My note for expert readers is scholarly playful."
+    text = "The lake is calm water. My note is expert scholarly expert playful."
     pieces = ["\u2581The", "\u2581lake", "\u2581is", "\u2581calm", "\u2581water.", "\u2581My", "\u2581note",
-              "\u2581for", "\u2581expert", "\u2581readers", "\u2581is", "\u2581schol", "arly", "\u2581play", "ful."]
+              "\u2581is", "\u2581expert", "\u2581schol", "arly", "\u2581expert", "\u2581play", "ful."]
     assert "".join(pieces).replace("\u2581", " ").strip() == text
-    assert tb.token_signs(pieces, prompt, task) == [0] * 11 + [1, 1, -1, -1]
+    assert tb.token_signs(pieces, prompt, task) == [0] * 9 + [1, 1, 0, -1, -1]
     pieces, signs = _signs(tokenizer, prompt, text, task)
     # one token carries the key word
     assert [p for p, s in zip(pieces, signs) if s == 1] == ["\u2581scholarly"]

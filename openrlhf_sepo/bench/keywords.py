@@ -101,6 +101,12 @@ SIZES = {
     "quick": dict(n_sft=800, n_oracle=96, n_policy=96, n_eval=32, n_prompts=16, sft_epochs=3,
                   oracle_epochs=2, policy_epochs=2, save_steps=3),
 }
+# The testbed's answers are five times longer: SFT gets twice the epochs (at 3, only 0.3 of the SFT model's sampled
+# answers followed the template), and its grid drops the smallest learning rates (on 24 steps they stay near SFT).
+TESTBED_SIZES = {name: dict(size, sft_epochs=6) for name, size in SIZES.items()}
+TESTBED_QUICK_METHODS = ["sepo", "sepo_random", "sepo_truth", "confidence", "dpo_nll", "simpo", "w2s_sepo",
+                         "sepo_token_rm", "wmle", "wmle_onpolicy", "wmle_truth"]
+TESTBED_GRID = {"lr": [1e-3, 3e-3, 1e-2], "sepo_beta": [1.0, 2.5], "dpo_beta": [0.1, 0.5]}
 # Paired comparisons read in the report: (a, b) -> a - b in ground truth, seed by seed.
 COMPARISONS = [("sepo_truth", "dpo_nll"), ("sepo_truth", "simpo_nll"), ("wmle_truth", "dpo_nll"),
                ("wmle_truth", "simpo_nll"), ("sepo_truth_nll_skip", "dpo_nll"), ("sepo_truth_nll_skip", "simpo_nll"),
@@ -173,6 +179,7 @@ class KeywordSpec:
         if testbed_task is not None:
             self.label_noise = testbed_task.label_noise
             self.DEFAULT_METHODS, self.SETTINGS_FILE = TESTBED_METHODS, TESTBED_SETTINGS_FILE
+            self.SIZES, self.GRID, self.QUICK_METHODS = TESTBED_SIZES, TESTBED_GRID, TESTBED_QUICK_METHODS
         self.gen = gen_settings(testbed_task)
 
     # --- the task's truth: tiny's ignores the prompt, the testbed's reads the reader from it ---------------
