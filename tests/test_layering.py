@@ -47,6 +47,8 @@ def _probe_package(tmp_path):
 @pytest.mark.parametrize("module, bad_import", [
     ("rows.py", "import layering_probe.cli.common"),  # the library climbing into cli/
     ("cli/train_sepo.py", "import layering_probe.cli.evaluate"),  # a front door using another front door
+    ("cli/regime_map.py", "import layering_probe.cli.demo"),  # the regime map's door is one too
+    ("testbed.py", "import layering_probe.bench"),  # the testbed (library) using the harness
     ("tkpo_data.py", "import layering_probe.token_rm_data"),  # one method using another's room
     ("scoring.py", "import layering_probe.bench"),  # the library using the harness
 ])

@@ -40,6 +40,20 @@ COMMON_TRAIN = ["--ds.attn_implementation", "sdpa", "--ds.zero_stage", "2", "--d
 CHAT = ["--data.apply_chat_template"]  # OpenRLHF's raw-data stages; train_sepo reads already tokenized scores
 
 
+def load_settings(path, methods) -> dict:
+    """The tuned settings ({method: {"lr", maybe "beta"}}) of a settings file (a --sweep's sweep.json format);
+    SystemExit naming ``--settings`` when it cannot be read or lacks one of ``methods``."""
+    try:
+        with open(path) as f:
+            settings = json.load(f)["settings"]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--settings: cannot read tuned settings from {path!r}: {e}") from None
+    missing = [m for m in methods if m not in settings]
+    if missing:
+        raise SystemExit(f"--settings {path}: no setting for {missing}; run --sweep for them")
+    return settings
+
+
 def point_label(point: dict) -> str:
     """A grid point's name: ``lr=0.001,beta=1`` (or ``lr=0.001`` without beta)."""
     return ",".join(f"{k}={v:g}" for k, v in point.items())
@@ -63,20 +77,9 @@ class Benchmark:
             self.seeds = self.seeds[:1]
         elif len(self.seeds) < 2:
             raise SystemExit("--seeds: give at least 2 seeds (3 or more for an interval worth reading)")
-        self.settings = None if args.sweep else self._load_settings(args.settings)
+        self.settings = None if args.sweep else load_settings(args.settings, self.methods)
         self.steps = self.size["n_policy"] // BATCH * self.size["policy_epochs"]  # optimizer steps per policy
         os.makedirs(self.out, exist_ok=True)
-
-    def _load_settings(self, path):
-        try:
-            with open(path) as f:
-                settings = json.load(f)["settings"]
-        except (OSError, KeyError, json.JSONDecodeError) as e:
-            raise SystemExit(f"--settings: cannot read tuned settings from {path!r}: {e}") from None
-        missing = [m for m in self.methods if m not in settings]
-        if missing:
-            raise SystemExit(f"--settings {path}: no setting for {missing}; run --sweep for them")
-        return settings
 
     # --- plumbing -------------------------------------------------------------------------------------
     def path(self, *parts):

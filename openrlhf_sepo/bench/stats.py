@@ -44,10 +44,14 @@ def format_ci(mean, half_width, digits=3, signed=False) -> str:
     return text if half_width != half_width else f"{text} ± {half_width:.{digits}f}"
 
 
+def excludes_zero(mean, half_width) -> bool:
+    """Whether the 95% interval ``mean ± half_width`` excludes 0 (never with a NaN half-width: one seed)."""
+    return half_width == half_width and abs(mean) > half_width
+
+
 def reading(mean, half_width) -> str:
     """How the report reads a paired difference: its interval excludes 0, or it does not."""
-    excludes = half_width == half_width and abs(mean) > half_width
-    return "interval excludes 0" if excludes else "not distinguishable"
+    return "interval excludes 0" if excludes_zero(mean, half_width) else "not distinguishable"
 
 
 def non_finite(metrics: dict) -> list:
