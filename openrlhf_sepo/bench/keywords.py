@@ -451,7 +451,8 @@ class KeywordSpec:
 
     def sweep_context(self, bench) -> dict:
         return {"prompts": "validation", "task": {"variant": self.task, "label_noise": self.label_noise,
-                                                  "policy_steps": bench.steps, **bench.size}}
+                                                  "policy_steps": bench.steps, **bench.size,
+                                                  **(self.testbed.as_dict() if self.testbed else {})}}
 
     def evaluate_seed(self, bench, seed, runs, prompts, snapshots):
         """{run: metrics} for ``runs`` ({name: method}) on ``prompts`` (validation or test), each family against
