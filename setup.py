@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["openrlhf_sepo", "openrlhf_sepo.*"]),
-    package_data={"openrlhf_sepo": ["bench/demo_settings.json", "bench/tkpo_settings.json"]},  # tuned settings
+    package_data={"openrlhf_sepo": ["bench/demo_settings.json", "bench/tkpo_settings.json",
+                                    "bench/testbed_settings.json"]},  # tuned settings
     python_requires=">=3.10",
     # Only what the package imports directly. torch, deepspeed and transformers are left unpinned
     # so that the versions OpenRLHF (which pins them) already installed stay in place.

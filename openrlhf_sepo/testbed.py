@@ -55,10 +55,12 @@ class Task:
     cue: float = 0.3
 
     def __post_init__(self):
-        checks = [("length", self.length >= 8, "an integer >= 8"), ("density", 0.0 < self.density <= 0.5, "in (0, 0.5]"),
+        checks = [("length", self.length >= 8, "an integer >= 8"),
+                  ("density", 0.0 < self.density <= 0.5, "in (0, 0.5]"),
                   ("flaw_rate", 0.0 <= self.flaw_rate <= 1.0, "in [0, 1]"),
                   ("flaws", 0.0 <= self.flaws < 0.5, "in [0, 0.5): the chosen answer stays better on balance"),
-                  ("label_noise", 0.0 <= self.label_noise < 0.5, "in [0, 0.5)"), ("cue", 0.0 <= self.cue <= 1.0, "in [0, 1]")]
+                  ("label_noise", 0.0 <= self.label_noise < 0.5, "in [0, 0.5)"),
+                  ("cue", 0.0 <= self.cue <= 1.0, "in [0, 1]")]
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"testbed task: {name} must be {rule}, got {getattr(self, name)!r}")

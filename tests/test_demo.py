@@ -122,6 +122,9 @@ def test_mean_ci95_and_gated_reward_by_hand():
     samples = [{"reward": 1.0, "well_formed": True}, {"reward": 0.5, "well_formed": False},
                {"reward": -0.5, "well_formed": True}, {"reward": 0.0, "well_formed": False}]
     assert gated_reward(samples) == pytest.approx((1.0 - 1.0 - 0.5 - 1.0) / 4)
+    from openrlhf_sepo.bench.keywords import credited_reward  # the testbed's: a malformed answer earns 0
+
+    assert credited_reward(samples) == pytest.approx((1.0 + 0.0 - 0.5 + 0.0) / 4)
 
 
 def test_paired_differences_are_seed_by_seed_and_keep_the_comparisons_order():

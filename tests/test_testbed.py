@@ -86,7 +86,8 @@ def test_context_decides_which_words_are_right():
     # without context: tiny's good and bad words, no reader in the prompt
     flat = tb.Task(context=False, label_noise=0.0)
     row = tb.make_pairs(1, flat, seed=0)[0]
-    assert "readers" not in row["prompt"] and set(tb.parse(row["chosen"], flat)) <= set(tiny.GOOD_WORDS + tiny.BAD_WORDS)
+    assert "readers" not in row["prompt"]
+    assert set(tb.parse(row["chosen"], flat)) <= set(tiny.GOOD_WORDS + tiny.BAD_WORDS)
 
 
 def test_flawed_pairs_are_better_on_balance_not_flawless():

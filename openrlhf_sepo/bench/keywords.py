@@ -111,7 +111,8 @@ TESTBED_GRID = {"lr": [1e-3, 3e-3, 1e-2], "sepo_beta": [1.0, 2.5], "dpo_beta": [
 COMPARISONS = [("sepo_truth", "dpo_nll"), ("sepo_truth", "simpo_nll"), ("wmle_truth", "dpo_nll"),
                ("wmle_truth", "simpo_nll"), ("sepo_truth_nll_skip", "dpo_nll"), ("sepo_truth_nll_skip", "simpo_nll"),
                ("sepo", "confidence"), ("confidence", "simpo_nll"), ("sepo_nll_skip", "sepo"),
-               ("sepo_truth_nll_skip", "sepo_truth"), ("sepo", "dpo_nll"), ("sepo", "simpo_nll"), ("sepo", "sepo_random"), ("sepo_truth", "sepo"),
+               ("sepo_truth_nll_skip", "sepo_truth"), ("sepo", "dpo_nll"), ("sepo", "simpo_nll"), ("sepo", "sepo_random"),
+               ("sepo_truth", "sepo"),
                ("sepo", "sepo_paper"), ("sepo_exclude_prefix", "sepo"), ("sepo_paper_exclude_prefix", "sepo_paper"),
                ("sepo_paper", "dpo"), ("sepo_paper", "simpo"), ("w2s_sepo", "w2s_dpo_nll"),
                ("w2s_sepo", "w2s_simpo_nll"), ("sepo_token_rm", "sepo"), ("wmle", "sft_chosen"), ("wmle", "sepo"),
@@ -123,6 +124,18 @@ GEN = dict(max_new_tokens=48, temperature=1.0, top_p=1.0)  # every sample: tempe
 def gen_settings(task) -> dict:
     """Sampling settings: answers of the testbed ``task`` (a ``testbed.Task``) get room for length + 32 tokens."""
     return dict(GEN, max_new_tokens=task.length + 32) if task else GEN
+
+
+TESTBED_OBJECTIVE = ("mean over validation samples of the ground-truth reward, a malformed answer (not "
+                     "testbed.is_well_formed) counting as 0")
+
+
+def credited_reward(samples) -> float:
+    """The testbed's tuning objective (``TESTBED_OBJECTIVE``): ground truth of well-formed answers, 0 for malformed
+    ones. Why not tiny's -1: with 62-token answers sampled at temperature 1, the first sweep on the testbed under the
+    -1 rule chose the grid's smallest learning rate (the least movement from the SFT model) for 11 of its 16 methods,
+    whatever they learned; 0 is what an answer with random key words earns in expectation."""
+    return sum(s["reward"] if s["well_formed"] else 0.0 for s in samples) / len(samples)
 
 
 def gated_reward(samples) -> float:
@@ -180,6 +193,7 @@ class KeywordSpec:
             self.label_noise = testbed_task.label_noise
             self.DEFAULT_METHODS, self.SETTINGS_FILE = TESTBED_METHODS, TESTBED_SETTINGS_FILE
             self.SIZES, self.GRID, self.QUICK_METHODS = TESTBED_SIZES, TESTBED_GRID, TESTBED_QUICK_METHODS
+            self.OBJECTIVE, self.OBJECTIVE_KEY = TESTBED_OBJECTIVE, "credited_reward"
         self.gen = gen_settings(testbed_task)
 
     # --- the task's truth: tiny's ignores the prompt, the testbed's reads the reader from it ---------------
@@ -444,9 +458,8 @@ class KeywordSpec:
     def validate(self, bench, seed, runs) -> dict:
         return self.evaluate_seed(bench, seed, {r: m for r, (m, _) in runs.items()}, "validation", snapshots=False)[0]
 
-    @staticmethod
-    def sweep_entry(metrics) -> dict:
-        return {"objective": metrics["gated_reward"], "ground_truth_reward": metrics["ground_truth_reward"],
+    def sweep_entry(self, metrics) -> dict:
+        return {"objective": metrics[self.OBJECTIVE_KEY], "ground_truth_reward": metrics["ground_truth_reward"],
                 "format_validity": metrics["format_validity"], "kl_to_sft": metrics["kl_to_sft"]}
 
     def sweep_context(self, bench) -> dict:
@@ -560,6 +573,7 @@ class KeywordSpec:
                 "kl_to_sft": m[f"kl_to_{baseline}"],
                 "win_rate_vs_sft": m[f"win_rate_vs_{baseline}"],
                 "gated_reward": gated_reward(m["samples"]),
+                "credited_reward": credited_reward(m["samples"]),
                 "samples": [s["response"] for s in m["samples"][:3]],
             }
             if self.testbed is not None:
