@@ -22,7 +22,7 @@ import types
 
 from openrlhf_sepo import testbed
 from openrlhf_sepo.bench.keywords import METHODS as KEYWORD_METHODS
-from openrlhf_sepo.bench.keywords import SIZES, TESTBED_SETTINGS_FILE, KeywordSpec
+from openrlhf_sepo.bench.keywords import TESTBED_SETTINGS_FILE, TESTBED_SIZES, KeywordSpec
 from openrlhf_sepo.bench.runner import Benchmark, load_settings
 from openrlhf_sepo.bench.stats import excludes_zero, format_ci, paired_differences
 
@@ -166,7 +166,7 @@ def finished(cell_dir, task, seeds, methods, settings, quick) -> bool:
     metrics = _read_json(os.path.join(cell_dir, "metrics.json"))
     if metrics is None:
         return False
-    size = SIZES["quick" if quick else "full"]
+    size = TESTBED_SIZES["quick" if quick else "full"]
     ran = dict(seeds=metrics.get("seeds"), methods=sorted(metrics.get("settings", {})), settings=metrics.get("settings"),
                task={k: metrics["task"].get(k) for k in task.as_dict()},
                sizes={k: metrics["task"].get(k) for k in size})
