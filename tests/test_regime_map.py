@@ -13,7 +13,7 @@ import pytest
 
 from openrlhf_sepo import testbed
 from openrlhf_sepo.bench import regime_map
-from openrlhf_sepo.bench.keywords import SIZES
+from openrlhf_sepo.bench.keywords import TESTBED_SIZES
 from openrlhf_sepo.bench.stats import paired_ci95
 from openrlhf_sepo.cli import regime_map as cli
 
@@ -39,7 +39,7 @@ def _write_metrics(cell_dir, task, per_seed, seeds=SEEDS, settings=SETTINGS, qui
     os.makedirs(cell_dir, exist_ok=True)
     metrics = {"per_seed": {"ground_truth_reward": per_seed}, "seeds": seeds, "settings": settings,
                "key_token_base_rate": 0.01 + task.density, "task": {
-                   "variant": "testbed", **SIZES["quick" if quick else "full"], **task.as_dict(),
+                   "variant": "testbed", **TESTBED_SIZES["quick" if quick else "full"], **task.as_dict(),
                    "mean_response_tokens": 60.0 + 10 * task.density}}
     with open(os.path.join(cell_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f)
