@@ -102,9 +102,11 @@ def prompt(topic: str, reader: str = None) -> str:
 
 
 def _draw_prompt(rng, task, topics):
-    """(prompt, topic): a random topic of ``topics``, and a random reader when the task has context."""
+    """(prompt, topic, reader): a random topic of ``topics``, and a random reader when the task has context (else
+    None)."""
     topic = rng.choice(topics)
-    return prompt(topic, rng.choice(list(READERS)) if task.context else None), topic
+    reader = rng.choice(list(READERS)) if task.context else None
+    return prompt(topic, reader), topic, reader
 
 
 def response(rng: random.Random, task: Task, topic: str, keys: list, cue: float, reader: str = None) -> str:
@@ -136,10 +138,9 @@ def make_pairs(n: int, task: Task, seed: int = 0, topics=None, label_noise: floa
     k, m = task.n_keys, round(task.flaws * task.n_keys)
     rows = []
     for _ in range(n):
-        text, topic = _draw_prompt(rng, task, topics or tiny.TOPICS)
+        text, topic, reader = _draw_prompt(rng, task, topics or tiny.TOPICS)
         right, wrong = task.key_words(text)
         flawed = rng.random() < task.flaw_rate
-        reader = reader_of(text) if task.context else None
         chosen = response(rng, task, topic, _keys(rng, right, wrong, k - m if flawed else k, k), task.cue, reader)
         rejected = response(rng, task, topic, _keys(rng, right, wrong, m if flawed else 0, k), 0.0, reader)
         rows.append({"prompt": text, "chosen": chosen, "rejected": rejected})
@@ -155,10 +156,9 @@ def make_sft_rows(n: int, task: Task, seed: int = 0):
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        text, topic = _draw_prompt(rng, task, tiny.TOPICS)
+        text, topic, reader = _draw_prompt(rng, task, tiny.TOPICS)
         right, wrong = task.key_words(text)
         keys = [rng.choice(right if rng.random() < 0.5 else wrong) for _ in range(task.n_keys)]
-        reader = reader_of(text) if task.context else None
         rows.append({"prompt": text, "response": response(rng, task, topic, keys, task.cue / 2, reader)})
     return rows
 

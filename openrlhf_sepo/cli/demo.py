@@ -13,7 +13,7 @@ import argparse
 import sys
 
 import openrlhf_sepo  # noqa: F401  (flash-attn kernel placeholder before OpenRLHF)
-from openrlhf_sepo import tiny
+from openrlhf_sepo import testbed, tiny
 from openrlhf_sepo.bench.keywords import METHODS, SETTINGS_FILE, KeywordSpec, gated_reward, run
 from openrlhf_sepo.bench.runner import point_label
 from openrlhf_sepo.bench.stats import mean_ci95
@@ -40,15 +40,16 @@ def build_parser():
                    help="testbed (openrlhf_sepo.testbed, the knobs below) or one of tiny's saturated pair variants")
     p.add_argument("--label_noise", type=float, default=None,
                    help="fraction of training pairs flipped (default: testbed 0.1, tiny's variants 0)")
-    t = p.add_argument_group("testbed knobs (--task testbed; openrlhf_sepo.testbed.Task)")
-    t.add_argument("--length", type=int, default=64, help="words per answer, about its tokens")
-    t.add_argument("--density", type=float, default=0.08, help="key words per answer word (n_keys = density*length)")
+    t = p.add_argument_group("testbed knobs (--task testbed; openrlhf_sepo.testbed.Task, whose defaults they take)")
+    task = testbed.Task()
+    t.add_argument("--length", type=int, default=task.length, help="words per answer, about its tokens")
+    t.add_argument("--density", type=float, default=task.density, help="key words per answer word (n_keys = density*length)")
     t.add_argument("--no_context", action="store_true",
                    help="key words right or wrong for every prompt (default: the prompt's reader decides)")
-    t.add_argument("--flaw_rate", type=float, default=0.5, help="share of pairs whose chosen answer holds wrong words")
-    t.add_argument("--flaws", type=float, default=0.34,
+    t.add_argument("--flaw_rate", type=float, default=task.flaw_rate, help="share of pairs whose chosen answer holds wrong words")
+    t.add_argument("--flaws", type=float, default=task.flaws,
                    help="share of a flawed pair's key slots flipped (chosen wrong, rejected right); < 0.5")
-    t.add_argument("--cue", type=float, default=0.3,
+    t.add_argument("--cue", type=float, default=task.cue,
                    help="spurious cue: share of chosen answers' filler words that are cue words (0: off)")
     p.add_argument("--ood", action="store_true",
                    help="out-of-distribution data: the oracle's pairs from one half of the topics and filler words "
