@@ -208,6 +208,53 @@ def test_a_cell_with_metrics_json_is_not_run_again(tmp_path, monkeypatch, capsys
     assert calls == []
 
 
+def test_results_dir_keeps_each_finished_cell_and_a_fresh_output_dir_resumes_from_it(tmp_path, monkeypatch, capsys):
+    results, settings = tmp_path / "docs_results", _settings_file(tmp_path)
+    with open(settings) as f:
+        tuned = json.load(f)["settings"]
+    cells = regime_map.grid_cells(GRID)
+    calls, stop_at = [], [3]
+
+    def stub_of_the_harness_call(task, cell_args):
+        """Stands in for ``run_cell``: the first run's third call dies (a session stopped), the others write
+        metrics.json."""
+        calls.append(regime_map.cell_name(task))
+        if len(calls) in stop_at:
+            raise SystemExit("stopped")
+        _write_metrics(cell_args.output_dir, task, _per_seed(random.Random(len(calls)), 0.0), settings=tuned)
+
+    monkeypatch.setattr(regime_map, "run_cell", stub_of_the_harness_call)
+    first = tmp_path / "run1"
+    with pytest.raises(SystemExit, match="stopped"):
+        cli.main(_args(first, settings) + ["--results_dir", str(results)])
+    kept = sorted(p.name for p in results.iterdir() if p.is_dir())
+    assert kept == sorted(regime_map.cell_name(t) for t in cells[:2])
+    for name in kept:  # only the small record files, byte for byte
+        assert sorted(os.listdir(results / name)) == sorted(regime_map.RECORD_FILES)
+        assert (results / name / "metrics.json").read_bytes() == (first / name / "metrics.json").read_bytes()
+    with open(results / "regime_map.json") as f:
+        assert [e["name"] for e in json.load(f)["cells"]] == kept
+
+    # A fresh clone: another output dir, the kept cells restored and skipped, the rest run.
+    calls.clear()
+    stop_at.clear()
+    second = tmp_path / "run2"
+    assert cli.main(_args(second, settings) + ["--results_dir", str(results)]) == 0
+    assert calls == [regime_map.cell_name(t) for t in cells[2:]]
+    assert capsys.readouterr().out.count("restored from") == 2
+    with open(results / "regime_map.json") as f:
+        doc = json.load(f)
+    assert len(doc["cells"]) == 8 and doc["cells_not_finished"] == []
+    assert all(e["wall_time_s"] is not None for e in doc["cells"])  # the kept cells keep their recorded time
+    assert (results / "regime_map.md").exists() and (results / "regime_sepo_minus_dpo_nll.png").exists()
+
+    # A kept cell of another run is refused like any finished cell: nothing runs.
+    calls.clear()
+    with pytest.raises(SystemExit, match="a finished run with other seeds"):
+        cli.main(_args(tmp_path / "run3", settings, seeds="0,1,2") + ["--results_dir", str(results)])
+    assert calls == []
+
+
 def test_a_failed_cell_records_its_time_and_is_run_again(tmp_path, monkeypatch):
     out, settings = tmp_path / "map", _settings_file(tmp_path)
     grid = dict(GRID, density=[0.08], cue=[0.3], flaw_rate=[0.5])
@@ -258,6 +305,17 @@ def test_quick_regime_map_end_to_end_and_rerun_skips_every_cell(tmp_path):
     for name in ("regime_sepo_minus_dpo_nll.png", "regime_sepo_truth_minus_dpo_nll.png", "regime_map.md"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert not os.path.exists(os.path.join(out, "regime_sepo_minus_confidence.png"))
+    for entry in doc["cells"]:  # no curves: no training snapshots, no frontier or curve plot
+        cell = os.path.join(out, entry["name"])
+        assert not os.path.exists(os.path.join(cell, "frontier.png")) and os.path.exists(os.path.join(cell, "selection.png"))
+        for seed in ("seed0", "seed1"):
+            ckpt = os.path.join(cell, seed, "ckpt")
+            snapshots = [d for run in (os.listdir(ckpt) if os.path.isdir(ckpt) else [])
+                         for d in os.listdir(os.path.join(ckpt, run)) if d.startswith("global_step")]
+            assert snapshots == []
+            with open(os.path.join(cell, seed, "evaluation.json")) as f:
+                evaluation = json.load(f)
+            assert evaluation["curves"] == {} and set(methods) <= set(evaluation["final"])
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]

@@ -174,7 +174,8 @@ class KeywordSpec:
     the policies' pairs come from disjoint topic and filler slices (``tiny.OOD_SLICES``); ``oracle_lr``: the
     oracle's DPO learning rate. ``task="testbed"`` with ``testbed_task`` (a ``testbed.Task``, which holds its own
     label noise): the testbed's data, truth and scorers instead of tiny's, its headline methods by default and its
-    tuned settings."""
+    tuned settings. ``curves=False``: no training snapshots and no per-step evaluation, so no frontier or curve plot
+    (a third of the evaluation's cost; the regime map reads the final models only)."""
 
     NAME, POLICY_LAUNCH, DEFAULT_METHODS = "demo", "stage2", list(METHODS)
     METHODS, QUICK_METHODS, SIZES, GRID, COMPARISONS = METHODS, QUICK_METHODS, SIZES, GRID, COMPARISONS
@@ -182,13 +183,14 @@ class KeywordSpec:
     BETA_TRAINERS, SCORES_DIRS, K_VALUES, MODELS = BETA_TRAINERS, SCORES_DIRS, K_VALUES, MODELS
     LOOP_ROUNDS, LOOP_SAMPLES, X_VOCAB, TOKEN_RM_LR = LOOP_ROUNDS, LOOP_SAMPLES, X_VOCAB, TOKEN_RM_LR
 
-    def __init__(self, task="independent", label_noise=0.0, ood=False, oracle_lr=1e-4, testbed_task=None):
+    def __init__(self, task="independent", label_noise=0.0, ood=False, oracle_lr=1e-4, testbed_task=None, curves=True):
         if (task == "testbed") != (testbed_task is not None):
             raise ValueError("KeywordSpec: testbed_task is given exactly when task == 'testbed'")
         if testbed_task is not None and ood:
             raise SystemExit("--ood: tiny's variants only (the testbed has no topic / filler slices)")
         self.task, self.label_noise, self.ood, self.oracle_lr = task, label_noise, ood, oracle_lr
         self.testbed = testbed_task
+        self.curves = curves  # False: no training snapshots, no curve evaluation (the regime map reads finals only)
         if testbed_task is not None:
             self.label_noise = testbed_task.label_noise
             self.DEFAULT_METHODS, self.SETTINGS_FILE = TESTBED_METHODS, TESTBED_SETTINGS_FILE
@@ -361,6 +363,7 @@ class KeywordSpec:
     # --- stage 2: policies ----------------------------------------------------------------------------
     def train(self, bench, runs, snapshots, launch):
         """Every run of ``runs`` ({name: (method, setting)}) on every seed: one launch, then wmle_onpolicy's rounds."""
+        snapshots = snapshots and self.curves
         loops = {r: mp for r, mp in runs.items() if self.METHODS[mp[0]]["trainer"] == "wmle_loop"}
         bench.launch(launch, [self.policy_job(bench, seed, r, m, p, snapshots) for seed in bench.seeds
                               for r, (m, p) in runs.items() if r not in loops])
@@ -452,7 +455,7 @@ class KeywordSpec:
     # --- evaluation -----------------------------------------------------------------------------------
     def evaluate(self, bench, seed) -> dict:
         """The seed's evaluation.json: every method on the test prompts with its snapshots, and selection stats."""
-        final, curves = self.evaluate_seed(bench, seed, {m: m for m in bench.methods}, "test", snapshots=True)
+        final, curves = self.evaluate_seed(bench, seed, {m: m for m in bench.methods}, "test", snapshots=self.curves)
         return {"final": final, "curves": curves, "selection": self.selection_stats(bench, seed)}
 
     def validate(self, bench, seed, runs) -> dict:

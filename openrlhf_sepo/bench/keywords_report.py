@@ -151,7 +151,7 @@ def _markdown(bench, evaluations, models, summary, metrics, wall):
               "| difference | mean ± 95% interval | reading |", "|---|---|---|"]
     for name, d in metrics["ground_truth_differences"].items():
         lines.append(f"| {name} | {format_ci(d['mean'], d['ci95'], signed=True)} | {reading(d['mean'], d['ci95'])} |")
-    lines += _selection_lines(metrics) + _settings_lines(bench)
+    lines += _selection_lines(metrics) + (_curve_lines() if spec.curves else []) + _settings_lines(bench)
     lines += ["", f"## Sample answers (seed {seeds[0]}, test prompts)", ""]
     for m in models:
         for text in evaluations[seeds[0]]["final"][m]["samples"][:2]:
@@ -178,11 +178,13 @@ def _selection_lines(metrics) -> list:
           f"{format_ci(*d['recall'][k], signed=True)} |"
           for name, d in metrics["scorer_selection_differences"].items() for k in d["precision"]],
         "", "![selection](selection.png)", "",
-        "## Reward against KL to the SFT model", "",
-        "One point per method and checkpoint (mean over seeds), the final one with its 95% intervals.", "",
-        "![frontier](frontier.png)", "",
-        "## During training", "", "![curves](reward_curve.png)", "",
     ]
+
+
+def _curve_lines() -> list:
+    return ["## Reward against KL to the SFT model", "",
+            "One point per method and checkpoint (mean over seeds), the final one with its 95% intervals.", "",
+            "![frontier](frontier.png)", "", "## During training", "", "![curves](reward_curve.png)", ""]
 
 
 def _settings_lines(bench) -> list:
@@ -313,8 +315,8 @@ def _plots(bench, evaluations, weak, strong, metrics):
     import matplotlib.pyplot as plt
 
     panels = _panels(weak, strong)
-    for name, plot in (("frontier.png", _frontier), ("reward_curve.png", _curves),
-                       ("selection.png", _selection_bars)):
+    curves = (("frontier.png", _frontier), ("reward_curve.png", _curves)) if bench.spec.curves else ()
+    for name, plot in (*curves, ("selection.png", _selection_bars)):
         fig = plot(plt, bench.seeds, evaluations, panels, metrics)
         fig.savefig(bench.path(name), dpi=120)
         plt.close(fig)

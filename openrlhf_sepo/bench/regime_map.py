@@ -5,7 +5,13 @@ at its default). Each cell is one harness run (``runner.Benchmark`` of ``keyword
 its own subdir ``<output_dir>/<cell name>``, with the map's seeds and methods and the SAME tuned settings in every
 cell: by default the default testbed task's (``keywords.TESTBED_SETTINGS_FILE``), tuned once at the grid's centre and
 never per cell. Cells run one after another; a cell whose ``metrics.json`` exists is finished and is skipped outright
-(a cell killed half-way resumes through the harness's own done markers).
+(a cell killed half-way resumes through the harness's own done markers). The cells train no snapshots and evaluate
+the final models only (``KeywordSpec(curves=False)``): the map reads nothing else.
+
+``results_dir`` (docs/results/regime_map in the docs) is the map's durable record, small enough to commit: each
+finished cell's ``metrics.json`` and ``RECORD`` under ``<results_dir>/<cell name>``, and the map itself. A run on a
+fresh clone restores those cells into ``output_dir`` first (checked against its flags like any finished cell), so a
+map that takes longer than one sitting resumes from what was committed.
 
 From each cell's ``metrics.json`` (``per_seed["ground_truth_reward"]``) the map reads the paired differences of
 ``COMPARISONS`` seed by seed (``stats.paired_differences``) and writes ``regime_map.json``, ``regime_map.md`` (a
@@ -17,6 +23,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import time
 import types
 
@@ -111,6 +118,10 @@ def run(args) -> dict:
     for name, why in left_out.items():
         print(f"{TAG} {name}: left out of the map ({why})", flush=True)
 
+    results = os.path.abspath(args.results_dir) if args.results_dir else None
+    if results:
+        for task in cells:
+            restore(results, out, cell_name(task))
     # Every finished cell is checked against these flags before any cell runs.
     done = [finished(os.path.join(out, cell_name(t)), t, seeds, methods, settings, args.quick) for t in cells]
     start, ran = time.time(), 0
@@ -127,9 +138,12 @@ def run(args) -> dict:
         ran += 1
         print(f"{TAG} cell {i}/{len(cells)} {name}: done in {seconds:.0f} s "
               f"({time.time() - start:.0f} s since the start)", flush=True)
-        write_map(out, cells, run_info, time.time() - start)
+        for where in (out, *([keep(cell_dir, results, name)] if results else [])):
+            write_map(where, cells, run_info, time.time() - start)
     elapsed = time.time() - start
     doc = write_map(out, cells, run_info, elapsed)
+    if results:
+        write_map(results, cells, run_info, elapsed)
     print(f"{TAG} {ran} of {len(cells)} cells run in {elapsed:.0f} s; the cells' recorded wall time in all "
           f"{doc['wall_time_s']['cells']:.0f} s. Map: {os.path.join(out, 'regime_map.md')}", flush=True)
     return doc
@@ -137,8 +151,33 @@ def run(args) -> dict:
 
 def run_cell(task, cell_args) -> dict:
     """THE harness call: one cell, the benchmark of the testbed task ``task`` (``cell_args``: the harness's flags,
-    its output dir the cell's). Returns its metrics document."""
-    return Benchmark(KeywordSpec(task="testbed", testbed_task=task), cell_args).run()
+    its output dir the cell's), without curves. Returns its metrics document."""
+    return Benchmark(KeywordSpec(task="testbed", testbed_task=task, curves=False), cell_args).run()
+
+
+RECORD_FILES = ("metrics.json", RECORD)  # what results_dir keeps of a finished cell
+
+
+def keep(cell_dir, results, name) -> str:
+    """Copy the finished cell's RECORD_FILES from ``cell_dir`` to ``<results>/<name>``; returns ``results``."""
+    os.makedirs(os.path.join(results, name), exist_ok=True)
+    for f in RECORD_FILES:
+        shutil.copy2(os.path.join(cell_dir, f), os.path.join(results, name, f))
+    return results
+
+
+def restore(results, out, name) -> bool:
+    """Copy a cell kept in ``<results>/<name>`` into ``<out>/<name>`` unless ``out`` holds a finished one already;
+    whether it copied."""
+    kept, cell_dir = os.path.join(results, name), os.path.join(out, name)
+    if not os.path.exists(os.path.join(kept, "metrics.json")) or os.path.exists(os.path.join(cell_dir, "metrics.json")):
+        return False
+    os.makedirs(cell_dir, exist_ok=True)
+    for f in RECORD_FILES:
+        if os.path.exists(os.path.join(kept, f)):
+            shutil.copy2(os.path.join(kept, f), os.path.join(cell_dir, f))
+    print(f"{TAG} {name}: restored from {results}", flush=True)
+    return True
 
 
 def timed_cell(cell_dir, task, cell_args) -> float:

@@ -37,6 +37,10 @@ def build_parser():
     p.add_argument("--settings", default=None,
                    help="tuned settings used unchanged in every cell (default: bench/testbed_settings.json, tuned once "
                         "at the default testbed task, the grid's centre)")
+    p.add_argument("--results_dir", default=None,
+                   help="the map's durable record (docs: docs/results/regime_map): each finished cell's metrics.json "
+                        "and wall time are copied there, the map written there, and a fresh --output_dir first "
+                        "restores the cells kept there")
     p.add_argument("--quick", action="store_true", help="the harness's reduced sizes in every cell (a fast check)")
     p.add_argument("--nproc", type=int, default=2, help="gloo ranks per launch")
     return p
