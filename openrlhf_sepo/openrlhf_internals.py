@@ -339,3 +339,145 @@ def patch_strategy_for_cpu() -> bool:
     ds_module.init_device_mesh = _cpu_device_mesh(ds_module.init_device_mesh)
     setattr(strategy_cls, _PATCHED_FLAG, True)
     return True
+
+
+# --- OpenRLHF's Ray PPO (train_ppo_ray) on a machine without CUDA --------------------------------------------------
+
+# The torch.cuda calls OpenRLHF's Ray PPO actors make outside DeepspeedStrategy (ppo_actor.py, ppo_critic.py,
+# launcher.py, distributed_util.py, replay_buffer.py), and their CPU meaning. torch.cuda.empty_cache is already a
+# no-op without CUDA; get_device_properties is reached only through CUDA IPC, which the CPU runtime refuses.
+WORKER_CUDA_CALLS = {
+    "set_device": lambda device=None: None,  # there is no device to select
+    "current_device": lambda: "cpu",  # used as a device for .to() / torch.zeros(device=...)
+    "synchronize": lambda device=None: None,  # CPU ops are synchronous
+    "current_stream": lambda device=None: None,  # passed as `stream=` to the weight-sync broadcast, which ignores it
+}
+
+
+def patch_torch_cuda_for_cpu_worker() -> bool:
+    """Give ``WORKER_CUDA_CALLS`` their CPU meaning in this whole process, and keep the PPO replay buffers on the CPU.
+    For the Ray worker processes of a CPU run only (each serves this one job); idempotent; does nothing (False) when
+    CUDA is available.
+
+    Relies on: OpenRLHF's Ray actors calling only these torch.cuda functions (plus ``empty_cache``), each of which
+    raises 'Torch not compiled with CUDA enabled' on a CPU build, so the patch cannot change a run that worked; and
+    ``NaiveReplayBuffer.__init__`` reading ``torch.cuda.current_device()`` only to build ``self.target_device =
+    torch.device(f"cuda:{...}")`` (sample() moves experiences there). Read from 0.11.2 (trainer/ray/*.py,
+    trainer/ppo_utils/replay_buffer.py). Breaks if: another torch.cuda call appears on the PPO path (that actor
+    fails with 'Torch not compiled with CUDA enabled': add it here) or the buffer builds its device differently
+    (the actor fails at init with 'Invalid device string' or moves experiences to CUDA).
+    """
+    if torch.cuda.is_available():
+        return False
+    if getattr(torch.cuda, _PATCHED_FLAG, False):
+        return True
+    for name, cpu_meaning in WORKER_CUDA_CALLS.items():
+        setattr(torch.cuda, name, cpu_meaning)
+    from openrlhf.trainer.ppo_utils import replay_buffer
+
+    init = replay_buffer.NaiveReplayBuffer.__init__
+
+    @functools.wraps(init)
+    def cpu_buffer_init(self, *args, **kwargs):
+        torch.cuda.current_device = lambda: 0  # the f"cuda:{...}" device string must parse; replaced just below
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            torch.cuda.current_device = WORKER_CUDA_CALLS["current_device"]
+        self.target_device = torch.device("cpu")
+
+    replay_buffer.NaiveReplayBuffer.__init__ = cpu_buffer_init
+    setattr(torch.cuda, _PATCHED_FLAG, True)
+    return True
+
+
+def ray_actor_class(actor_class):
+    """The class a ``@ray.remote`` actor class was made from (e.g. ``PPOTrainer``'s ``BasePPOTrainer`` subclass),
+    to subclass it and wrap the subclass with ``ray.remote`` again.
+
+    Relies on: Ray's actor classes exposing the decorated class as ``__ray_actor_class__`` (set by
+    ``ray.actor._modify_class``, reached through the ``ActorClass``'s MRO). Read from Ray 2.55.0 with OpenRLHF 0.11.2
+    (``@ray.remote class PPOTrainer(BasePPOTrainer)``). Breaks if: Ray renames it (AttributeError when the dense
+    trainer is built: tests/test_openrlhf_internals.py checks it).
+    """
+    return actor_class.__ray_actor_class__
+
+
+@contextlib.contextmanager
+def ppo_trainer_class(trainer_class):
+    """Within the block, ``train_ppo_ray.train`` builds its trainer from ``trainer_class`` (a ``ray.remote`` actor
+    class taking ``PPOTrainer``'s arguments) instead of ``PPOTrainer``; restored after.
+
+    Relies on: ``train()`` importing ``PPOTrainer`` from ``openrlhf.trainer.ppo_trainer`` at call time (``from
+    openrlhf.trainer.ppo_trainer import PPOTrainer`` inside the function, on the synchronous path; the async path
+    imports ``PPOTrainerAsync`` from ``ppo_trainer_async``, which this does not touch) and calling
+    ``PPOTrainer.remote(pretrain, strategy, actor, critic, reward, ref, vllm_engines, **generate_kwargs)``. Read from
+    0.11.2 (cli/train_ppo_ray.py). Breaks if: train() imports it at module level or from elsewhere (the swap is
+    silently unused: tests/test_openrlhf_internals.py checks the import line) or passes other arguments.
+    """
+    from openrlhf.trainer import ppo_trainer
+
+    original = ppo_trainer.PPOTrainer
+    ppo_trainer.PPOTrainer = trainer_class
+    try:
+        yield
+    finally:
+        ppo_trainer.PPOTrainer = original
+
+
+@contextlib.contextmanager
+def extra_flags_on_first_parse(add_flags, after_parse):
+    """Within the block, the first ``argparse.ArgumentParser.parse_args`` call (train_ppo_ray's ``__main__`` builds
+    one parser and parses once) first gets ``add_flags(parser.add_argument)``, and its flat result is handed to
+    ``after_parse(args)`` (which may raise SystemExit to refuse the flags) before it is returned. Later calls, and
+    every call after the block, are argparse's own.
+
+    Relies on: train_ppo_ray's ``__main__`` declaring all its flags on one ``argparse.ArgumentParser`` and calling
+    its ``parse_args()`` once, then ``hierarchize``-ing the result (flags named ``--group.name``). Read from 0.11.2.
+    Breaks if: it parses twice or with another parser class (the extra flags would be unknown: 'unrecognized
+    arguments') or declares a flag of ours (argparse raises a conflict error at start).
+    """
+    import argparse
+
+    original = argparse.ArgumentParser.parse_args
+    state = {"used": False}
+
+    def parse_args(parser, args=None, namespace=None):
+        if state["used"]:
+            return original(parser, args, namespace)
+        state["used"] = True
+        add_flags(parser.add_argument)
+        parsed = original(parser, args, namespace)
+        after_parse(parsed)
+        return parsed
+
+    argparse.ArgumentParser.parse_args = parse_args
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_args = original
+
+
+@contextlib.contextmanager
+def ray_init_with(update):
+    """Within the block, ``ray.init(**kwargs)`` is called with ``update(kwargs)`` (a new kwargs dict) instead.
+
+    For train_ppo_ray's own ``ray.init``: its runtime environment (the env vars it sets) is kept, and the CPU runtime
+    adds its logical GPUs and worker set-up hook. Relies on: ``train()`` calling ``ray.init(runtime_env=...)`` through
+    the ``ray`` module attribute when Ray is not initialized. Read from 0.11.2 (cli/train_ppo_ray.py). Breaks if:
+    train() stops calling ``ray.init`` itself (Ray would start on first use without logical GPUs, and the placement
+    groups would wait forever: tests/test_openrlhf_internals.py checks the call).
+    """
+    import ray
+
+    original = ray.init
+
+    @functools.wraps(original)
+    def init(*args, **kwargs):
+        return original(*args, **update(dict(kwargs)))
+
+    ray.init = init
+    try:
+        yield
+    finally:
+        ray.init = original

@@ -1,0 +1,111 @@
+"""``train_ppo_dense``'s run: OpenRLHF's own ``openrlhf.cli.train_ppo_ray``, run as ``__main__`` with its own flags,
+plus the ``--dense.*`` flags, its trainer replaced by ``ppo_dense_trainer.DensePPOTrainerActor``, and on a machine
+without CUDA or vLLM the CPU runtime (``openrlhf_sepo.cpu.ray_ppo``).
+
+The order of a run (``run``):
+
+1. the generation engine is decided (the vLLM stand-in only if no vllm is installed) and named in the log:
+   ``[train_ppo_dense] generation engine: vLLM <version>`` or ``... vLLM stand-in (HF generate; vllm not
+   importable)``;
+2. train_ppo_ray's ``__main__`` builds its parser; the ``--dense.*`` flags are added to it; it parses; the dense
+   flags and what this machine cannot run are refused (exit 2), before Ray starts or any model loads;
+3. train_ppo_ray checks its own flags and calls ``train(args)``: its ``ray.init`` gets, on a CPU machine, logical
+   GPUs and the workers' set-up hook; its ``PPOTrainer`` is ``DensePPOTrainerActor``.
+
+Every OpenRLHF touch point used here is in ``openrlhf_internals`` (``extra_flags_on_first_parse``,
+``ppo_trainer_class``, ``ray_init_with``). On a machine with CUDA and vLLM nothing is patched: only the flags and the
+trainer class are added.
+"""
+
+import runpy
+import sys
+
+LOG_PREFIX = "[train_ppo_dense]"
+TRAIN_PPO_RAY = "openrlhf.cli.train_ppo_ray"
+DENSE_SOURCES = ("none",)  # placeholder until openrlhf_sepo.ppo_dense provides the flags
+
+
+def say(message: str) -> None:
+    print(f"{LOG_PREFIX} {message}", flush=True)
+
+
+def add_dense_flags(add) -> None:
+    """The ``--dense.*`` flags (placeholder: ``--dense.source none``, OpenRLHF's PPO unchanged)."""
+    add("--dense.source", type=str, required=True, choices=list(DENSE_SOURCES),
+        help="where the dense (per-token) rewards come from; none: OpenRLHF's PPO, unchanged")
+
+
+def check_dense_flags(args) -> None:
+    """Refuse bad ``--dense.*`` flags (SystemExit with the reason) before any model loads (placeholder)."""
+
+
+def runtime_problems(args, runtime) -> list:
+    """What this machine's runtime cannot run among ``args`` (train_ppo_ray's nested flags), as messages."""
+    problems = []
+    if not args.vllm.num_engines:
+        problems.append("--vllm.num_engines >= 1: OpenRLHF 0.11.2's PPO generates through its rollout engines only")
+    if runtime.cpu:
+        if "flash" in args.ds.attn_implementation or args.ds.packing_samples or args.ds.ring_attn_size > 1:
+            problems.append("without CUDA there are no flash-attn kernels: --ds.attn_implementation sdpa (or eager), "
+                            "no --ds.packing_samples, no --ds.ring_attn_size")
+        if args.train.colocate_all and args.vllm.sync_backend == "nccl":
+            problems.append("--train.colocate_all with --vllm.sync_backend nccl syncs weights by CUDA IPC: use "
+                            "--vllm.sync_backend gloo")
+    if runtime.standin:
+        if args.vllm.tensor_parallel_size != 1:
+            problems.append("the vLLM stand-in runs one worker per engine: --vllm.tensor_parallel_size 1")
+        if args.vllm.sync_with_ray:
+            problems.append("the vLLM stand-in syncs weights through its own gloo group: drop --vllm.sync_with_ray")
+        if args.data.max_images_per_prompt > 0:
+            problems.append("the vLLM stand-in generates from text only: --data.max_images_per_prompt 0")
+    return problems
+
+
+def run_module_as_main(module: str, argv) -> int:
+    """Run ``module`` as ``__main__`` with ``argv`` as its command line; its exit status (0 when it returns)."""
+    saved = sys.argv
+    sys.argv = [module, *argv]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr, flush=True)  # sys.exit("message"): print it, as the interpreter would
+        return 1
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def run(argv) -> int:
+    """Run train_ppo_ray with ``argv`` (its flags and the ``--dense.*`` ones) as described above; the exit status."""
+    from openrlhf_sepo import vllm_standin
+    from openrlhf_sepo.cpu import ray_ppo
+
+    runtime = ray_ppo.prepare_driver()
+    say(f"generation engine: {vllm_standin.engine_description()}")
+    if runtime.cpu:
+        say("no CUDA: Ray gets logical GPUs; the workers run OpenRLHF's CUDA calls on the CPU")
+
+    from openrlhf.utils.config import hierarchize
+
+    from openrlhf_sepo import openrlhf_internals as internals
+    from openrlhf_sepo.ppo_dense_trainer import DensePPOTrainerActor
+
+    parsed = {}
+
+    def after_parse(flat_args):
+        args = hierarchize(flat_args)  # a copy: train_ppo_ray nests its own
+        check_dense_flags(args)
+        problems = runtime_problems(args, runtime)
+        if problems:
+            print(f"{LOG_PREFIX} error: this run cannot work here:\n  - " + "\n  - ".join(problems),
+                  file=sys.stderr, flush=True)
+            raise SystemExit(2)
+        parsed["args"] = args
+        say(f"dense source: {args.dense.source}; trainer: {DensePPOTrainerActor.__ray_metadata__.class_name}")
+
+    with internals.extra_flags_on_first_parse(add_dense_flags, after_parse), \
+            internals.ppo_trainer_class(DensePPOTrainerActor), \
+            internals.ray_init_with(ray_ppo.ray_init_update(runtime, lambda: parsed["args"])):
+        return run_module_as_main(TRAIN_PPO_RAY, argv)
