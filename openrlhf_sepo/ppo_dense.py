@@ -543,24 +543,28 @@ class DenseExperienceMaker(RemoteExperienceMaker):
     @torch.no_grad()
     def compute_advantages_and_returns(self, experiences):
         """``R_t = compute_reward(seq_coef * r_seq, ...)_t + d_t``, then OpenRLHF's GAE / reward-to-go. The sequence
-        reward is scaled before OpenRLHF's length penalties and clip; ``info["return"]`` includes the dense sum."""
+        reward is scaled before OpenRLHF's length penalties and clip; ``info["return"]`` includes the dense sum;
+        ``info["reward"]`` stays unscaled (penalties included)."""
         if self.plan.source == "none":
             return super().compute_advantages_and_returns(experiences)
-        dense = []
+        dense, raw = [], []
         for exp in experiences:
             d = getattr(exp, "dense_rewards", None)
             if d is None:
                 raise RuntimeError("an experience has no dense_rewards: DenseExperienceMaker.make_experience attaches "
                                    "them (were the experiences re-split or re-made in between?)")
             dense.append(d)
-            exp.rewards = exp.rewards.float() * self.plan.seq_coef
+            raw.append(exp.rewards.float())
+            exp.rewards = raw[-1] * self.plan.seq_coef
         self._dense_by_mask = {id(exp.action_mask): d for exp, d in zip(experiences, dense)}
         try:
             experiences = super().compute_advantages_and_returns(experiences)
         finally:
             self._dense_by_mask = {}
-        for exp, d in zip(experiences, dense):
+        for exp, d, r in zip(experiences, dense, raw):
             exp.info["return"] = exp.info["return"] + d.sum(dim=-1)
+            if "reward" in exp.info:  # OpenRLHF copied the scaled reward there: log it on the reward's own scale
+                exp.info["reward"] = exp.info["reward"] + (1.0 - self.plan.seq_coef) * r
             del exp.dense_rewards  # not shipped to the actors with the experience
         return experiences
 

@@ -107,9 +107,9 @@ def rollout_samples(tokenizer, rewards):
     token j + 1). -> (one Experience batch, per-sample (ids, prompt_len))."""
     singles, raw = [], []
     for i, (prompt, response, eos) in enumerate(zip(PROMPTS, RESPONSES, ENDS_WITH_EOS)):
-        p_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                              add_generation_prompt=True)
-        p_ids = list(p_ids["input_ids"] if isinstance(p_ids, dict) else p_ids)
+        p_text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+        p_ids = tokenizer(p_text, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
         ids = torch.tensor(p_ids + r_ids)
         mask = torch.zeros(len(ids), dtype=torch.long)
@@ -118,7 +118,7 @@ def rollout_samples(tokenizer, rewards):
                                   action_mask=mask[1:][None].bool(), rewards=torch.tensor([rewards[i]]),
                                   index=[i], info={"reward": torch.tensor([rewards[i]])}))
         raw.append((ids.tolist(), len(p_ids)))
-    assert len({len(ids) for ids, _ in raw}) == len(raw)  # different lengths: the batch is padded
+    assert len({len(ids) for ids, _ in raw}) > 1  # different lengths: the batch is padded
     return Experience.concat_experiences(singles, tokenizer.pad_token_id), raw
 
 
