@@ -22,26 +22,18 @@ import sys
 
 LOG_PREFIX = "[train_ppo_dense]"
 TRAIN_PPO_RAY = "openrlhf.cli.train_ppo_ray"
-DENSE_SOURCES = ("none",)  # placeholder until openrlhf_sepo.ppo_dense provides the flags
 
 
 def say(message: str) -> None:
     print(f"{LOG_PREFIX} {message}", flush=True)
 
 
-def add_dense_flags(add) -> None:
-    """The ``--dense.*`` flags (placeholder: ``--dense.source none``, OpenRLHF's PPO unchanged)."""
-    add("--dense.source", type=str, required=True, choices=list(DENSE_SOURCES),
-        help="where the dense (per-token) rewards come from; none: OpenRLHF's PPO, unchanged")
-
-
-def check_dense_flags(args) -> None:
-    """Refuse bad ``--dense.*`` flags (SystemExit with the reason) before any model loads (placeholder)."""
-
-
 def runtime_problems(args, runtime) -> list:
     """What this machine's runtime cannot run among ``args`` (train_ppo_ray's nested flags), as messages."""
     problems = []
+    if args.dense.source != "none" and args.train.async_enable:
+        problems.append("--train.async_enable runs OpenRLHF's PPOTrainerAsync, which has no dense rewards: "
+                        "--dense.source none, or no --train.async_enable")
     if not args.vllm.num_engines:
         problems.append("--vllm.num_engines >= 1: OpenRLHF 0.11.2's PPO generates through its rollout engines only")
     if runtime.cpu:
@@ -90,20 +82,27 @@ def run(argv) -> int:
     from openrlhf.utils.config import hierarchize
 
     from openrlhf_sepo import openrlhf_internals as internals
+    from openrlhf_sepo.ppo_dense import DenseFlagError, add_dense_flags, check_dense_flags
     from openrlhf_sepo.ppo_dense_trainer import DensePPOTrainerActor
 
     parsed = {}
 
     def after_parse(flat_args):
         args = hierarchize(flat_args)  # a copy: train_ppo_ray nests its own
-        check_dense_flags(args)
+        try:
+            plan = check_dense_flags(args)
+        except DenseFlagError as e:
+            print(f"{LOG_PREFIX} error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         problems = runtime_problems(args, runtime)
         if problems:
             print(f"{LOG_PREFIX} error: this run cannot work here:\n  - " + "\n  - ".join(problems),
                   file=sys.stderr, flush=True)
             raise SystemExit(2)
         parsed["args"] = args
-        say(f"dense source: {args.dense.source}; trainer: {DensePPOTrainerActor.__ray_metadata__.class_name}")
+        groups = ", ".join(name for name, _, _ in plan.groups()) or "none"
+        say(f"dense source: {plan.source} (dense groups: {groups}); trainer: "
+            f"{DensePPOTrainerActor.__ray_metadata__.class_name}")
 
     with internals.extra_flags_on_first_parse(add_dense_flags, after_parse), \
             internals.ppo_trainer_class(DensePPOTrainerActor), \

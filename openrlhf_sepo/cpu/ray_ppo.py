@@ -26,9 +26,9 @@ import os
 SETUP_HOOK = "openrlhf_sepo.cpu.ray_ppo.setup_worker"
 # Set in the workers' environment when the driver registered the vLLM stand-in (the workers then register it too).
 STANDIN_ENV = "OPENRLHF_SEPO_VLLM_STANDIN"
-# Room for the dense-reward sources (oracle / reference / token RM actors) the dense trainer adds: single-actor
-# groups, at most two per run.
-EXTRA_SINGLE_ACTOR_GROUPS = 2
+# Room for the dense-reward sources the dense trainer adds (oracle and dense reference, or a token RM): at most two
+# groups per run, each laid out as the reference model (openrlhf_sepo.ppo_dense_trainer.dense_group_layout).
+MAX_DENSE_GROUPS = 2
 
 
 class Runtime:
@@ -57,9 +57,9 @@ def prepare_driver() -> Runtime:
 
 def logical_gpus(args) -> int:
     """Logical GPUs for ``args`` (train_ppo_ray's nested flags): one per rank of every model group (actor, reference
-    when the KL coefficient is positive, critic for GAE, reward model unless remote), one per vLLM engine worker,
-    plus ``EXTRA_SINGLE_ACTOR_GROUPS``. Colocated groups need fewer; logical GPUs cost nothing, so this does not
-    subtract them."""
+    when the KL coefficient is positive, critic, reward model unless remote), one per vLLM engine worker, plus
+    ``MAX_DENSE_GROUPS`` groups of the reference's size. Colocated groups need fewer, a run without dense sources
+    none of the last; logical GPUs cost nothing, so this does not subtract them."""
     def group(name):
         g = getattr(args, name)
         return g.num_nodes * g.num_gpus_per_node
@@ -70,7 +70,7 @@ def logical_gpus(args) -> int:
     if not args.reward.remote_url:
         n += group("reward")
     n += (args.vllm.num_engines or 0) * args.vllm.tensor_parallel_size
-    return n + EXTRA_SINGLE_ACTOR_GROUPS
+    return n + MAX_DENSE_GROUPS * group("ref")
 
 
 def ray_init_update(runtime: Runtime, get_args):
