@@ -1,5 +1,6 @@
 """examples/scripts launchers: the GPU command they would run, slurm preparation, and real CPU runs
-(SEPO_DEVICE=cpu, 2 gloo ranks) of the SFT and DPO stages with tiny-model overrides."""
+(SEPO_DEVICE=cpu, 2 gloo ranks) of the SFT and DPO stages with tiny-model overrides. The Ray PPO launcher
+(train_ppo_dense_llama.sh, SEPO_LAUNCHER=ray) runs one driver process; its real CPU run is in test_train_ppo_dense.py."""
 
 import glob
 import os
@@ -13,6 +14,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(p for p in glob.glob(os.path.join(REPO, "examples", "scripts", "*_llama.sh")))
 
 
+def _is_ray(script):
+    with open(script) as f:
+        return "SEPO_LAUNCHER=ray" in f.read()
+
+
+RAY_SCRIPTS = [s for s in SCRIPTS if _is_ray(s)]
+DEEPSPEED_SCRIPTS = [s for s in SCRIPTS if not _is_ray(s)]
+
+
 def bash(script, args, **env):
     full_env = {**os.environ, "PYTHON": sys.executable, **env}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -22,7 +32,7 @@ def bash(script, args, **env):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+@pytest.mark.parametrize("script", DEEPSPEED_SCRIPTS, ids=os.path.basename)
 def test_gpu_command_is_deepspeed_with_user_arguments_last(script):
     proc = bash(script, ["--data.max_len", "77"], SEPO_DRY_RUN="1")
     assert proc.returncode == 0, proc.stdout
@@ -32,7 +42,7 @@ def test_gpu_command_is_deepspeed_with_user_arguments_last(script):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+@pytest.mark.parametrize("script", DEEPSPEED_SCRIPTS, ids=os.path.basename)
 def test_cpu_command_uses_runtime_and_sdpa(script):
     proc = bash(script, ["--ds.attn_implementation", "eager"], SEPO_DRY_RUN="1", SEPO_DEVICE="cpu", SEPO_NPROC="3")
     assert proc.returncode == 0, proc.stdout
@@ -41,6 +51,41 @@ def test_cpu_command_uses_runtime_and_sdpa(script):
     assert cmd[cmd.index("-m", 2) + 1] == "openrlhf_sepo.cpu"
     impls = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--ds.attn_implementation"]
     assert impls[-2:] == ["sdpa", "eager"]  # sdpa replaces flash_attention_2; the user's choice still wins
+
+
+def test_the_ray_ppo_launcher_is_found():
+    assert [os.path.basename(s) for s in RAY_SCRIPTS] == ["train_ppo_dense_llama.sh"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", RAY_SCRIPTS, ids=os.path.basename)
+def test_ray_gpu_command_is_one_driver_with_user_arguments_last(script):
+    proc = bash(script, ["--data.max_len", "77"], SEPO_DRY_RUN="1")
+    assert proc.returncode == 0, proc.stdout
+    cmd = shlex.split(proc.stdout.strip().splitlines()[-1])
+    assert cmd[:3] == [sys.executable, "-m", "openrlhf_sepo.cli.train_ppo_dense"] and cmd[-2:] == ["--data.max_len", "77"]
+    assert "flash_attention_2" in cmd and "bf16" in cmd and "gloo" not in cmd  # the published GPU defaults
+    assert "--dense.source" in cmd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", RAY_SCRIPTS, ids=os.path.basename)
+def test_ray_cpu_command_has_cpu_settings_before_the_users(script):
+    proc = bash(script, ["--ds.attn_implementation", "eager", "--vllm.num_engines", "2"], SEPO_DRY_RUN="1",
+                SEPO_DEVICE="cpu")
+    assert proc.returncode == 0, proc.stdout
+    cmd = shlex.split(proc.stdout.strip().splitlines()[-1])
+    assert cmd[:3] == [sys.executable, "-m", "openrlhf_sepo.cli.train_ppo_dense"]
+
+    def values(flag):
+        return [cmd[i + 1] for i, a in enumerate(cmd) if a == flag]
+
+    assert values("--ds.attn_implementation")[-2:] == ["sdpa", "eager"]  # the user's choice still wins
+    assert values("--vllm.num_engines")[-1] == "2" and values("--vllm.sync_backend")[-1] == "gloo"
+    for group in ("actor", "critic", "ref", "reward"):
+        assert values(f"--{group}.num_gpus_per_node")[-1] == "1"
+    proc = bash(script, [], SEPO_DRY_RUN="1", HOSTFILE="hosts")
+    assert proc.returncode == 2 and "RAY_ADDRESS" in proc.stdout
 
 
 @pytest.mark.slow

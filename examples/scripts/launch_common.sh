@@ -10,6 +10,11 @@
 #                                     this script (see train_llama_slurm.sh); nothing is run
 #   SEPO_DRY_RUN=1 bash SCRIPT.sh     print the command instead of running it
 # Environment: PYTHON (default python3), DEEPSPEED_ARGS (extra launcher args, e.g. "--num_gpus 4").
+#
+# A script that also sets SEPO_LAUNCHER=ray (Ray PPO: the entrypoint starts its own Ray workers) is run as
+# `$PYTHON -m $MODULE` by one process: on GPUs unchanged (Ray starts locally or joins RAY_ADDRESS), and with
+# SEPO_DEVICE=cpu with the CPU settings SEPO_RAY_CPU_ARGS below (sdpa, one rank per model group, one engine, gloo
+# weight sync; the vLLM stand-in and logical GPUs come with the entrypoint); slurm mode prepares the same SEPO_CMD.
 
 SEPO_MODE=run
 if [[ "${1:-}" == "slurm" ]]; then
@@ -41,7 +46,21 @@ if [[ -n "$SEPO_USER_DATASET" && -z "$SEPO_USER_SPLIT" ]]; then
 fi
 
 PYTHON="${PYTHON:-python3}"
-if [[ "${SEPO_DEVICE:-gpu}" == "cpu" ]]; then
+SEPO_RAY_CPU_ARGS=(--actor.num_gpus_per_node 1 --critic.num_gpus_per_node 1 --ref.num_gpus_per_node 1
+                   --reward.num_gpus_per_node 1 --vllm.num_engines 1 --vllm.tensor_parallel_size 1
+                   --vllm.sync_backend gloo)
+if [[ "${SEPO_LAUNCHER:-deepspeed}" == "ray" ]]; then
+  if [[ -n "${HOSTFILE:-}" ]]; then
+    echo "HOSTFILE does not apply to a Ray launch: start Ray on the nodes and set RAY_ADDRESS" >&2
+    exit 2
+  fi
+  if [[ "${SEPO_DEVICE:-gpu}" == "cpu" ]]; then
+    SEPO_ARGS=("${DEFAULTS[@]}" "${SEPO_RAY_CPU_ARGS[@]}" --ds.attn_implementation "${SEPO_ATTN:-sdpa}" "$@")
+  else
+    SEPO_ARGS=("${DEFAULTS[@]}" "$@")
+  fi
+  SEPO_LAUNCH=("$PYTHON" -m "$MODULE")
+elif [[ "${SEPO_DEVICE:-gpu}" == "cpu" ]]; then
   # sdpa/eager only on CPU: flash-attn kernels cannot exist there. Placed before the user's arguments so
   # that an explicit --ds.attn_implementation still wins.
   SEPO_ARGS=("${DEFAULTS[@]}" --ds.attn_implementation "${SEPO_ATTN:-sdpa}" "$@")
