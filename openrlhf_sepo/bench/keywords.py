@@ -43,6 +43,7 @@ _SEPO = dict(trainer="sepo", scores="oracle", k=0.3, selection="per_response", e
 _DPO = dict(trainer="dpo", nll=0.0, policy="weak")
 _SIMPO = dict(_SEPO, k=1.0, nll=0.0)
 _WMLE = dict(trainer="wmle", scores="token_rm", nll=0.0, policy="weak")
+_PPO = dict(trainer="ppo", dense="none", nll=0.0, policy="weak")
 METHODS = {
     "sepo": _SEPO,
     "sepo_exclude_prefix": dict(_SEPO, exclude_prefix=True),
@@ -72,6 +73,13 @@ METHODS = {
     # The imitation term without the tokens the scorer marks bad (train_sepo --sepo.nll_skip_bad).
     "sepo_nll_skip": dict(_SEPO, nll_skip=True),
     "sepo_truth_nll_skip": dict(_SEPO, scores="truth", nll_skip=True),
+    # OpenRLHF's Ray PPO (train_ppo_dense) from the SFT model, its sequence reward the reward model train_rm learns
+    # from the policy pairs (also the critic's start), GAE, the same number of rollouts in every PPO arm. ppo: the
+    # bandit reward at EOS only (OpenRLHF's PPO unchanged); ppo_dense: plus RTO's dense reward from the DPO oracle
+    # against the SFT model (PPO's own reference, reused); ppo_dense_token_rm: plus the token RM's rewards.
+    "ppo": _PPO,
+    "ppo_dense": dict(_PPO, dense="oracle"),
+    "ppo_dense_token_rm": dict(_PPO, dense="token_rm", scores="token_rm"),
 }
 # The testbed's default run (README command 1): the headline methods; the others stay one --methods away.
 TESTBED_METHODS = ["sepo", "sepo_paper", "sepo_random", "sepo_truth", "confidence", "sepo_nll_skip",
@@ -84,6 +92,11 @@ SCORES_DIRS = {"oracle": "scores", "truth": "scores_truth", "token_rm": "scores_
                "truth01": "scores_truth01"}
 X_VOCAB = 300  # the cross-tokenizer oracle's BPE vocabulary (the policy's: 512)
 TOKEN_RM_LR = 1e-3  # the token RM's learning rate, fixed as the oracle's is (it is a scorer, not a tuned policy)
+# The PPO arms: the dense term's scale per source. The oracle's is its DPO beta (0.1), which puts the summed dense
+# reward on the scale of DPO's implicit reward beta * log(pi_o / pi_ref), the scale a Bradley-Terry reward model
+# learns (RTO's convention); the token RM is trained on that scale already.
+PPO_DENSE_COEF = {"oracle": 0.1, "token_rm": 1.0}
+PPO_KL_COEF = 0.01  # OpenRLHF's default --algo.kl.init_coef, the same in every PPO arm
 QUICK_METHODS = ["sepo", "sepo_random", "sepo_truth", "dpo_nll", "simpo", "w2s_sepo", "sepo_token_rm", "wmle",
                  "wmle_onpolicy"]
 GRID = {"lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "sepo_beta": [1.0, 2.5], "dpo_beta": [0.1, 0.5]}
@@ -117,7 +130,9 @@ COMPARISONS = [("sepo_truth", "dpo_nll"), ("sepo_truth", "simpo_nll"), ("wmle_tr
                ("sepo_paper", "dpo"), ("sepo_paper", "simpo"), ("w2s_sepo", "w2s_dpo_nll"),
                ("w2s_sepo", "w2s_simpo_nll"), ("sepo_token_rm", "sepo"), ("wmle", "sft_chosen"), ("wmle", "sepo"),
                ("wmle", "dpo_nll"), ("wmle_onpolicy", "wmle"), ("sft_chosen", "sft"), ("w2s_x_sepo", "w2s_sepo"),
-               ("w2s_x_sepo", "w2s_dpo_nll"), ("w2s_x_sepo", "w2s_simpo_nll")]
+               ("w2s_x_sepo", "w2s_dpo_nll"), ("w2s_x_sepo", "w2s_simpo_nll"),
+               ("ppo_dense", "ppo"), ("ppo_dense_token_rm", "ppo"), ("ppo_dense", "ppo_dense_token_rm"),
+               ("ppo_dense", "sepo"), ("ppo_dense", "dpo_nll"), ("ppo", "dpo_nll")]
 GEN = dict(max_new_tokens=48, temperature=1.0, top_p=1.0)  # every sample: temperature 1, full support
 
 
@@ -313,6 +328,14 @@ class KeywordSpec:
                 "--policy.tokenizer", d("tokenizer")], k_perc))
         jobs.append(self._scores_job(bench, seed, "scores", [
             "--oracle.model_name_or_path", m("oracle"), "--ref.model_name_or_path", m("sft")], k_perc))
+        if self.uses(bench, "trainer", "ppo"):
+            # The PPO arms' sequence reward: OpenRLHF's train_rm from the SFT model on the policy pairs (the pairs the
+            # offline methods learn from), lr TOKEN_RM_LR like the token RM's, as a user of OpenRLHF would have it.
+            jobs.append(bench.job(seed, "rm", "openrlhf.cli.train_rm", [
+                "--model.model_name_or_path", m("sft"), "--data.dataset", d("policy_pairs.jsonl"), *COMMON_TRAIN,
+                *CHAT, "--train.max_epochs", str(size["oracle_epochs"]), "--adam.lr", str(self.TOKEN_RM_LR),
+                "--ckpt.output_dir", m("rm"), "--ckpt.path", bench.seed_path(seed, "ckpt", "rm"),
+                "--train.seed", str(seed)]))
         return jobs
 
     def _oracle_job(self, bench, seed, name, sft):
@@ -364,11 +387,43 @@ class KeywordSpec:
     def train(self, bench, runs, snapshots, launch):
         """Every run of ``runs`` ({name: (method, setting)}) on every seed: one launch, then wmle_onpolicy's rounds."""
         snapshots = snapshots and self.curves
-        loops = {r: mp for r, mp in runs.items() if self.METHODS[mp[0]]["trainer"] == "wmle_loop"}
+        trainer = lambda mp: self.METHODS[mp[0]]["trainer"]  # noqa: E731
+        loops = {r: mp for r, mp in runs.items() if trainer(mp) == "wmle_loop"}
+        ppo = {r: mp for r, mp in runs.items() if trainer(mp) == "ppo"}
         bench.launch(launch, [self.policy_job(bench, seed, r, m, p, snapshots) for seed in bench.seeds
-                              for r, (m, p) in runs.items() if r not in loops])
+                              for r, (m, p) in runs.items() if r not in loops and r not in ppo])
         if loops:
             self.run_loops(bench, loops, snapshots)
+        if ppo:  # a Ray job starts its own workers: one process per run, not a torchrun launch
+            bench.run_each(f"{launch}_ppo", [self.ppo_job(bench, seed, r, m, p) for seed in bench.seeds
+                                            for r, (m, p) in ppo.items()])
+
+    def ppo_job(self, bench, seed, name, method, setting):
+        """One PPO run (``train_ppo_dense``) on the CPU: actor from the SFT model, critic from the reward model, its
+        sequence reward at EOS; the method's dense source; actor and critic at the setting's learning rate. Every arm
+        samples one answer per policy prompt per episode, policy_epochs episodes, rollout batch = global batch
+        (BATCH), one PPO epoch per rollout: the offline methods' number of optimizer steps, the same rollouts in
+        every arm. No snapshots (its checkpoints are DeepSpeed states, not HF dirs): its curve is SFT -> final."""
+        m, d = lambda *p: bench.seed_path(seed, "models", *p), lambda *p: bench.seed_path(seed, "data", *p)
+        dense = self.METHODS[method]["dense"]
+        source = {"none": [], "oracle": ["--dense.oracle", m("oracle")], "token_rm": ["--dense.token_rm", m("token_rm")]}
+        lr = str(setting["lr"])
+        return bench.job(seed, name, "openrlhf_sepo.cli.train_ppo_dense", [
+            "--dense.source", dense, *source[dense],
+            *(["--dense.coef", str(PPO_DENSE_COEF[dense])] if dense != "none" else []),
+            "--actor.model_name_or_path", m("sft"), "--reward.model_name_or_path", m("rm"),
+            "--critic.model_name_or_path", m("rm"), "--data.prompt_dataset", d("policy_pairs.jsonl"),
+            "--data.input_key", "prompt", *CHAT, "--data.max_len", "192",
+            "--rollout.max_new_tokens", str(self.gen["max_new_tokens"]), "--rollout.temperature", "1.0",
+            "--rollout.batch_size", str(BATCH), "--rollout.micro_batch_size", "8", "--rollout.n_samples_per_prompt", "1",
+            "--train.batch_size", str(BATCH), "--train.micro_batch_size", "8", "--train.max_epochs", "1",
+            "--train.num_episodes", str(bench.size["policy_epochs"]),
+            "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1", "--critic.num_gpus_per_node", "1",
+            "--ref.num_gpus_per_node", "1", "--reward.num_gpus_per_node", "1", "--vllm.num_engines", "1",
+            "--vllm.sync_backend", "gloo", "--algo.advantage.estimator", "gae", "--algo.kl.init_coef", str(PPO_KL_COEF),
+            "--actor.adam.lr", lr, "--critic.adam.lr", lr, "--ds.attn_implementation", "sdpa", "--ds.zero_stage", "2",
+            "--ds.param_dtype", "bf16", "--ckpt.output_dir", m(name), "--ckpt.path", bench.seed_path(seed, "ckpt", name),
+            "--train.seed", str(seed)])
 
     def policy_job(self, bench, seed, name, method, setting, snapshots, init=None, scores=None, epochs=None):
         """The training job of one policy run; ``init`` / ``scores`` / ``epochs`` override the method's start model,
@@ -527,6 +582,8 @@ class KeywordSpec:
             spec = self.METHODS[method]
             if spec["trainer"] == "dpo":
                 stats["training_tokens"][method] = n_tokens * epochs
+                continue
+            if spec["trainer"] == "ppo":  # trains on its own samples: no pair tokens to count
                 continue
             if spec["trainer"] != "sepo":  # wmle, wmle_onpolicy, sft_chosen: every chosen token, weighted or not
                 stats["training_tokens"][method] = len(key["chosen"]) * epochs

@@ -230,13 +230,15 @@ STYLES = {
     # weak to strong
     "w2s_sepo": ("tab:green", "h"), "w2s_dpo_nll": ("tab:blue", "H"), "w2s_simpo_nll": ("tab:red", "d"),
     "w2s_x_sepo": ("tab:pink", "p"),
+    # PPO (OpenRLHF's Ray PPO; bandit, and dense from the oracle or the token RM)
+    "ppo": ("tab:olive", "<"), "ppo_dense": ("tab:green", ">"), "ppo_dense_token_rm": ("tab:purple", "p"),
 }
 PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
            "tab:olive", "tab:cyan", "black")
 MARKERS = ("o", "s", "D", "^", "v", "P", "X", "h", "H", "d", "p", "<", ">")  # "*" marks the SFT model
 # The weak policy's panels, in this order (``_family`` places a method); the strong policy's methods share one more.
 FAMILIES = {"selective": "selective (SePO and kin)", "sequence": "sequence level", "token_rm": "token reward model",
-            "controls": "controls (dashed)", "other": "other methods"}
+            "controls": "controls (dashed)", "ppo": "PPO (bandit and dense)", "other": "other methods"}
 REFERENCES = ("sepo", "dpo_nll")  # drawn faint in every weak panel they are not members of
 
 
@@ -264,6 +266,8 @@ def _family(method) -> str:
     """The key in ``FAMILIES`` of a weak-policy method, by its name (``weak_to_strong`` for a w2s_* one)."""
     if method.startswith("w2s_"):
         return "weak_to_strong"
+    if method.startswith("ppo"):
+        return "ppo"
     if "_truth" in method or method.endswith("_random"):
         return "controls"
     if method == "sepo_token_rm" or method.startswith("wmle"):

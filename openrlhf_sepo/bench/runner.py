@@ -145,6 +145,28 @@ class Benchmark:
             self._launch_failed(name, todo, proc.returncode, log)
         print(f"[{self.tag}] {name:<10} {len(todo)} jobs in {time.time() - start:.0f} s", flush=True)
 
+    def run_each(self, name, jobs):
+        """Run ``jobs`` (``job``'s dicts) not done yet one after another, each as its own ``python -m`` process (a Ray
+        job starts its own workers, so it cannot share a torchrun launch); its output to its log, its wall seconds
+        into its done marker. Stops at the first failure with that job's log tail."""
+        todo = [j for j in jobs if not os.path.exists(j["done"])]
+        print(f"[{self.tag}] {name:<10} {len(todo)} of {len(jobs)} jobs to run", flush=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        for job in todo:
+            os.makedirs(os.path.dirname(job["log"]), exist_ok=True)
+            print(f"[{self.tag}]   {job['name']}: {job['module']} ...", flush=True)
+            start = time.time()
+            with open(job["log"], "w") as f:
+                returncode = subprocess.run([sys.executable, "-m", job["module"], *job["args"]], stdout=f,
+                                            stderr=subprocess.STDOUT, env=env).returncode
+            if returncode != 0:
+                self._launch_failed(name, [job], returncode, job["log"])
+            seconds = round(time.time() - start, 1)
+            os.makedirs(os.path.dirname(job["done"]), exist_ok=True)
+            with open(job["done"], "w") as f:
+                f.write(f"{seconds}\n")
+            print(f"[{self.tag}]   {job['name']}: done in {seconds:.0f} s", flush=True)
+
     def _launch_failed(self, name, todo, returncode, log):
         """Stop with the first unfinished job's log tail (the launch's own log when that job wrote none)."""
         failed = next((j for j in todo if not os.path.exists(j["done"])), None)
