@@ -153,8 +153,11 @@ def ppo_setup(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def launch_a(ppo_setup):
     """The launcher on CPU, RTO oracle, 3 steps, a checkpoint per step."""
-    return _launch(["bash", LAUNCHER, *ppo_setup.flags, "--dense.oracle", ppo_setup.oracle,
-                    "--logger.tensorboard_dir", str(ppo_setup.dir / "tb")], env={"SEPO_DEVICE": "cpu"})
+    launch = _launch(["bash", LAUNCHER, *ppo_setup.flags, "--dense.oracle", ppo_setup.oracle,
+                      "--logger.tensorboard_dir", str(ppo_setup.dir / "tb")], env={"SEPO_DEVICE": "cpu"})
+    # B writes into the same checkpoint dir (keeping the newest --ckpt.max_num): what A left, read now
+    launch.checkpoints = {part: sorted(os.listdir(ppo_setup.dir / "ckpt" / part)) for part in ("_actor", "_critic")}
+    return launch
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +171,12 @@ def launch_b(launch_a, ppo_setup):
 
 
 def _report(name, launch):
-    step = [s["timing/step_total"] for s in launch.steps.values()]
-    print(f"\n[{name}] launch {launch.seconds:.0f} s, steps {sorted(launch.steps)}, step_total "
-          f"{', '.join(f'{t:.2f}' for t in step)} s")
+    """The launch's wall time and per-step numbers, printed (seen with -s)."""
+    def column(key, fmt):
+        return ", ".join(format(status.get(key, float("nan")), fmt) for status in launch.steps.values())
+
+    print(f"\n[{name}] launch {launch.seconds:.0f} s, steps {sorted(launch.steps)}; step_total "
+          f"{column('timing/step_total', '.2f')} s; vllm_kl {column('vllm_kl', '.1e')}; kl {column('kl', '.1e')}")
 
 
 @pytest.mark.slow
@@ -198,14 +204,15 @@ def test_oracle_ppo_runs_three_finite_steps_with_synced_engine_weights(launch_a,
     assert abs(launch_a.steps[3]["kl"]) > 10 * abs(launch_a.steps[3]["vllm_kl"])
     for tag, points in tb_scalars(str(ppo_setup.dir / "tb")).items():
         assert all(math.isfinite(v) for _, v in points), tag
-    assert os.path.isdir(ppo_setup.dir / "ckpt" / "_actor" / "global_step3")
-    assert os.path.isdir(ppo_setup.dir / "ckpt" / "_critic" / "global_step3")
+    for part in ("_actor", "_critic"):  # a checkpoint per step (--ckpt.save_steps 1)
+        assert {"global_step1", "global_step2", "global_step3", "latest"} <= set(launch_a.checkpoints[part]), part
     assert os.path.exists(ppo_setup.dir / "final" / "model.safetensors")
 
 
 @pytest.mark.slow
-def test_resume_continues_from_the_checkpoint_as_bandit_ppo(launch_b):
+def test_resume_continues_from_the_checkpoint_as_bandit_ppo(launch_b, ppo_setup):
     _report("B: resume, none", launch_b)
+    assert os.path.isdir(ppo_setup.dir / "ckpt" / "_actor" / "global_step6")
     assert "Loading the checkpoint" in launch_b.log and "/_actor" in launch_b.log and "/_critic" in launch_b.log
     assert sorted(launch_b.steps) == [4, 5, 6]  # global steps go on; the first episode is not replayed
     for n, status in launch_b.steps.items():
