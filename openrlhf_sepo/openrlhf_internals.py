@@ -18,7 +18,12 @@ The touch points:
   ``log_eval_metrics`` (the trainers' private loggers), ``uneven_all_gather`` (the strategy's ``all_gather``);
 - flags: ``add_missing_flags`` with ``DPO_LOSS_FLAGS``, ``PAIRWISE_RM_FLAGS``, ``NO_PACKING_FLAGS``;
 - the CPU runtime: ``patch_strategy_for_cpu`` (``DeepspeedStrategy``'s CUDA calls), and the flash-attn kernel
-  placeholder, listed in ``LISTED_ELSEWHERE``.
+  placeholder, listed in ``LISTED_ELSEWHERE``;
+- OpenRLHF's Ray PPO (``train_ppo_dense``): ``extra_flags_on_first_parse`` (train_ppo_ray's parser),
+  ``ppo_trainer_class`` and ``ray_actor_class`` (its trainer, subclassed), ``ray_init_with`` (its ``ray.init``),
+  ``patch_torch_cuda_for_cpu_worker`` with ``WORKER_CUDA_CALLS`` (the Ray actors' CUDA calls, the replay buffer's
+  device), ``PPO_HOOKS`` (the signatures those rely on); in ``LISTED_ELSEWHERE``: the vLLM stand-in (the engine
+  interface OpenRLHF calls) and the dense trainer.
 """
 
 import contextlib
@@ -243,6 +248,19 @@ LISTED_ELSEWHERE = {
     "openrlhf_sepo.token_rm.token_rewards": (
         "the critic model from get_llm_for_sequence_regression(..., 'critic') returns its backbone output (with "
         "'last_hidden_state') when called without action_mask, and names its head `value_head_prefix`."),
+    "openrlhf_sepo.vllm_standin.install_if_missing": (
+        "the vLLM interface OpenRLHF's Ray PPO calls (the module docstring's table: vllm_engine.py's RolloutRayActor "
+        "and create_vllm_engines, samples_generator.py's SamplingParams, distributed_util.py's weight-sync group, "
+        "the agent executors' RequestOutput fields). Breaks if OpenRLHF calls more of vLLM (AttributeError in a "
+        "rollout actor: tests/test_openrlhf_internals.py checks every `self.llm.*` / `vllm.*` name it uses) or reads "
+        "other fields of the outputs."),
+    "openrlhf_sepo.ppo_dense_trainer.DensePPOTrainer": (
+        "BasePPOTrainer.__init__ setting self.experience_maker (a RemoteExperienceMaker built from the actor, critic, "
+        "reward and reference groups, self.kl_ctl, self.strategy, self.tokenizer, in that order) and fit() being the "
+        "training loop train() calls; RayActorGroup(num_nodes, num_gpus_per_node, actor_class, pg, "
+        "num_gpus_per_actor, duplicate_actors) and its async_init_model_from_pretrained(strategy, *args). Breaks if "
+        "the maker is built or used elsewhere (dense rewards silently absent: the end-to-end test reads "
+        "dense_reward in the step logs) or those signatures change (PPO_HOOKS)."),
     "openrlhf_sepo.rows.DataStrategy": (
         "the slice of DeepspeedStrategy that blending_datasets and RewardDataset read: args.data, args.use_ms, "
         "print, is_rank_0. Breaks if they read more of the strategy (AttributeError when scoring/evaluating)."),
@@ -389,6 +407,30 @@ def patch_torch_cuda_for_cpu_worker() -> bool:
     replay_buffer.NaiveReplayBuffer.__init__ = cpu_buffer_init
     setattr(torch.cuda, _PATCHED_FLAG, True)
     return True
+
+
+# Signatures the Ray PPO pieces rely on (checked like HOOKS, with the vLLM stand-in registered where vllm is missing,
+# since these modules import vllm): (module, attribute path, leading parameter names, who relies on it).
+PPO_HOOKS = (
+    ("openrlhf.trainer.ppo_utils.replay_buffer", "NaiveReplayBuffer.__init__", ("self", "sample_batch_size"),
+     "patch_torch_cuda_for_cpu_worker"),
+    ("openrlhf.trainer.ppo_utils.experience_maker", "RemoteExperienceMaker.__init__",
+     ("self", "actor_model_group", "critic_model_group", "reward_model_group", "initial_model_group",
+      "kl_controller", "strategy", "tokenizer"), "ppo_dense_trainer.DensePPOTrainer, ppo_dense.DenseExperienceMaker"),
+    ("openrlhf.trainer.ray.launcher", "RayActorGroup.__init__",
+     ("self", "num_nodes", "num_gpus_per_node", "ray_actor_type", "pg", "num_gpus_per_actor", "duplicate_actors"),
+     "ppo_dense_trainer.DensePPOTrainer"),
+    ("openrlhf.trainer.ray.launcher", "RayActorGroup.async_init_model_from_pretrained", ("self",),
+     "ppo_dense_trainer.DensePPOTrainer"),
+    ("openrlhf.trainer.ppo_trainer", "BasePPOTrainer.fit", ("self", "global_step"), "ppo_dense_trainer.DensePPOTrainer"),
+    ("openrlhf.utils.distributed_util", "stateless_init_process_group",
+     ("master_address", "master_port", "rank", "world_size", "device"), "vllm_standin.StatelessProcessGroup"),
+    ("openrlhf.trainer.ray.vllm_engine", "RolloutRayActor.__ray_actor_class__.init_process_group",
+     ("self", "master_address", "master_port", "rank_offset", "world_size", "group_name", "backend", "use_ray"),
+     "vllm_standin._Worker.init_process_group"),
+    ("openrlhf.trainer.ray.vllm_engine", "RolloutRayActor.__ray_actor_class__.update_weight", ("self", "name", "dtype", "shape"),
+     "vllm_standin._Worker.update_weight"),
+)
 
 
 def ray_actor_class(actor_class):

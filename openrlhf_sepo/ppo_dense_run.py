@@ -25,11 +25,15 @@ TRAIN_PPO_RAY = "openrlhf.cli.train_ppo_ray"
 
 
 def say(message: str) -> None:
+    """A line of the run's log, ``[train_ppo_dense] message`` (stdout, flushed: Ray's worker lines interleave)."""
     print(f"{LOG_PREFIX} {message}", flush=True)
 
 
 def runtime_problems(args, runtime) -> list:
-    """What this machine's runtime cannot run among ``args`` (train_ppo_ray's nested flags), as messages."""
+    """What cannot run among ``args`` (train_ppo_ray's nested flags) on this machine's ``runtime``
+    (``cpu.ray_ppo.Runtime``), as messages for the user (empty: all runs). Beyond the runtime's limits, it refuses
+    dense rewards with ``--train.async_enable`` (OpenRLHF's async trainer is not the one swapped) and runs without
+    rollout engines (OpenRLHF 0.11.2's sample generator has no other way to generate)."""
     problems = []
     if args.dense.source != "none" and args.train.async_enable:
         problems.append("--train.async_enable runs OpenRLHF's PPOTrainerAsync, which has no dense rewards: "

@@ -201,11 +201,12 @@ class PyNcclCommunicator:
         self.group, self.device, self.rank = group, device, group.rank
 
     def broadcast(self, tensor, src, stream=None):
+        import torch
         import torch.distributed as dist
 
         data = tensor.detach().contiguous()
         data = data if data.device.type == "cpu" else data.cpu()
-        as_bytes = data.view(-1).view(__import__("torch").uint8)
+        as_bytes = data.view(-1).view(torch.uint8)
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         self.group.group.broadcast([as_bytes], opts).wait()
@@ -280,7 +281,8 @@ class AsyncLLMEngine:
 
         self.args = args
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = "auto" if args.dtype == "auto" else getattr(torch, str(args.dtype).replace("torch.", ""))
+        name = str(args.dtype).replace("torch.", "")
+        dtype = "auto" if name == "auto" else getattr(torch, {"half": "float16", "float": "float32"}.get(name, name))
         self.model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype,
                                                           trust_remote_code=args.trust_remote_code).to(self.device)
         self.model.eval()

@@ -26,6 +26,8 @@ import os
 SETUP_HOOK = "openrlhf_sepo.cpu.ray_ppo.setup_worker"
 # Set in the workers' environment when the driver registered the vLLM stand-in (the workers then register it too).
 STANDIN_ENV = "OPENRLHF_SEPO_VLLM_STANDIN"
+# Read by the raylet that ray.init starts: its workers' niceness relative to it (Ray's default 15).
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
 # Room for the dense-reward sources the dense trainer adds (oracle and dense reference, or a token RM): at most two
 # groups per run, each laid out as the reference model (openrlhf_sepo.ppo_dense_trainer.dense_group_layout).
 MAX_DENSE_GROUPS = 2
@@ -75,8 +77,10 @@ def logical_gpus(args) -> int:
 
 def ray_init_update(runtime: Runtime, get_args):
     """For ``openrlhf_internals.ray_init_with``: train_ppo_ray's ``ray.init`` kwargs with, on a CPU machine, logical
-    GPUs and CPUs for ``get_args()`` (the parsed args, read when Ray starts), and in every case where the runtime is
-    needed, the worker hook and this process's import path in the runtime environment (its env vars are kept)."""
+    GPUs and CPUs for ``get_args()`` (the parsed args, read when Ray starts), no dashboard, and the workers at the
+    driver's niceness (``WORKER_NICENESS_ENV`` set in this process unless already set); and in every case where the
+    runtime is needed, the worker hook and this process's import path in the runtime environment (its env vars are
+    kept)."""
 
     def update(kwargs):
         if not runtime.needed:
@@ -95,6 +99,9 @@ def ray_init_update(runtime: Runtime, get_args):
         runtime_env["worker_process_setup_hook"] = SETUP_HOOK
         kwargs["runtime_env"] = runtime_env
         if runtime.cpu:
+            # Ray starts its workers 15 niceness steps below the driver; on a small shared CPU machine, where all of
+            # a run's work is in the workers, that starves them behind any other load. They keep the driver's.
+            os.environ.setdefault(WORKER_NICENESS_ENV, "0")
             n = logical_gpus(get_args())
             kwargs.setdefault("num_gpus", n)
             kwargs.setdefault("num_cpus", n + 2)  # each model actor asks 1 CPU; + the trainer actor and one spare
