@@ -130,6 +130,39 @@ def test_openrlhfs_rollout_actor_generates_with_the_standin(standin, tiny_dir):
     assert a["rollout_log_probs"] is None  # not asked for
 
 
+def test_concurrent_requests_are_generated_in_one_batch_as_they_would_be_alone(standin, tiny_dir, monkeypatch):
+    """Prompts of different lengths sent concurrently (as OpenRLHF sends a rollout's) go through ONE left-padded
+    generate call, and each gets what it gets alone: greedy tokens equal, log-probs those of a plain forward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = os.path.join(tiny_dir, "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    actor = _rollout_actor(base)
+    prompts = [f"<|user|>\nWrite a short note about the {topic}.</s>\n<|assistant|>\n"
+               for topic in ("river", "old stone bridge near the lake", "sky")]
+    assert len({len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts}) == 3
+    greedy = standin.SamplingParams(temperature=0.0, max_tokens=6, logprobs=1)
+    engine, batches = actor.llm, []
+    real = engine._generate
+    monkeypatch.setattr(engine, "_generate", lambda prompts, sp: batches.append(len(prompts)) or real(prompts, sp))
+
+    async def together():
+        return await asyncio.gather(*(actor.generate_responses(p, None, greedy, 64, tokenizer) for p in prompts))
+
+    batched = [r[0] for r in asyncio.run(together())]
+    assert batches == [3]
+    alone = [asyncio.run(actor.generate_responses(p, None, greedy, 64, tokenizer))[0] for p in prompts]
+    assert batches == [3, 1, 1, 1]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    for b, a in zip(batched, alone):
+        assert b["observation_tokens"] == a["observation_tokens"]
+        ids, ((start, end),) = b["observation_tokens"], b["action_ranges"]
+        with torch.no_grad():
+            logps = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        assert b["rollout_log_probs"][start:] == pytest.approx([logps[t - 1, ids[t]].item() for t in range(start, end)],
+                                                               abs=1e-4)
+
+
 def test_openrlhfs_weight_sync_reaches_the_standin_engine(standin, tiny_dir):
     from openrlhf.utils.distributed_util import stateless_init_process_group
 

@@ -25,7 +25,7 @@ import os
 
 from openrlhf_sepo import testbed, tiny
 from openrlhf_sepo.bench import keywords_report
-from openrlhf_sepo.bench.runner import CHAT, COMMON_TRAIN, Benchmark, sft_job
+from openrlhf_sepo.bench.runner import BATCH, CHAT, COMMON_TRAIN, Benchmark, sft_job
 
 # Each method: which trainer, which token scores and selection, which SFT model it starts from.
 # sepo is this package's default SePO: the published selection and loss plus OpenRLHF's NLL term on the chosen
