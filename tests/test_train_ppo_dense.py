@@ -25,7 +25,7 @@ from openrlhf_sepo.cpu import ray_ppo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "examples", "scripts", "train_ppo_dense_llama.sh")
-REAL_VLLM = __import__("importlib.util").util.find_spec("vllm") is not None
+REAL_VLLM = vllm_standin.vllm_installed()
 ENGINE_LINE = ("[train_ppo_dense] generation engine: vLLM stand-in (HF generate; vllm not importable)"
                if not REAL_VLLM else "[train_ppo_dense] generation engine: vLLM ")
 
