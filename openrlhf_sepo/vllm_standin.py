@@ -101,13 +101,11 @@ def install_if_missing() -> bool:
     try:
         importlib.import_module("vllm")
         return False
-    except ModuleNotFoundError as e:
-        if e.name != "vllm" or vllm_installed():
+    except Exception as e:  # noqa: BLE001  (any failure of an installed vllm is reported, not replaced)
+        missing = isinstance(e, ModuleNotFoundError) and e.name == "vllm" and not vllm_installed()
+        if not missing:
             raise RuntimeError(f"vllm is installed but does not import ({e!r}); fix or uninstall it: the vLLM "
                                "stand-in replaces only a missing vllm") from e
-    except Exception as e:  # an installed vllm that fails to import
-        raise RuntimeError(f"vllm is installed but does not import ({e!r}); fix or uninstall it: the vLLM "
-                           "stand-in replaces only a missing vllm") from e
     this = sys.modules[__name__]
     for name, attributes in MODULES.items():
         module = types.ModuleType(name, f"openrlhf_sepo.vllm_standin's stand-in for {name} (see that module).")
