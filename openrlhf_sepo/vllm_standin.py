@@ -52,7 +52,7 @@ to it (vLLM asserts equal dtypes).
 import asyncio
 import copy
 import importlib
-import importlib.util
+import importlib.machinery
 import sys
 import threading
 import types
@@ -84,6 +84,11 @@ def is_standin(module) -> bool:
     return bool(getattr(module, "IS_STANDIN", False))
 
 
+def vllm_installed() -> bool:
+    """Whether a ``vllm`` package is installed on ``sys.path`` (importable or not), the stand-in never counting."""
+    return importlib.machinery.PathFinder.find_spec("vllm") is not None
+
+
 def install_if_missing() -> bool:
     """Make ``import vllm`` work: the real vLLM when it imports, else this stand-in. Returns True iff the stand-in
     is (now) registered. Idempotent.
@@ -97,17 +102,16 @@ def install_if_missing() -> bool:
     try:
         importlib.import_module("vllm")
         return False
-    except ModuleNotFoundError as e:
-        if e.name != "vllm" or importlib.util.find_spec("vllm") is not None:
+    except Exception as e:  # noqa: BLE001  (any failure of an installed vllm is reported, not replaced)
+        missing = isinstance(e, ModuleNotFoundError) and e.name == "vllm" and not vllm_installed()
+        if not missing:
             raise RuntimeError(f"vllm is installed but does not import ({e!r}); fix or uninstall it: the vLLM "
                                "stand-in replaces only a missing vllm") from e
-    except Exception as e:  # an installed vllm that fails to import
-        raise RuntimeError(f"vllm is installed but does not import ({e!r}); fix or uninstall it: the vLLM "
-                           "stand-in replaces only a missing vllm") from e
     this = sys.modules[__name__]
     for name, attributes in MODULES.items():
         module = types.ModuleType(name, f"openrlhf_sepo.vllm_standin's stand-in for {name} (see that module).")
         module.__path__ = []  # a package, so the submodules resolve
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None, origin=__name__, is_package=True)
         module.IS_STANDIN = True
         for attribute in attributes:
             setattr(module, attribute, getattr(this, attribute))

@@ -8,12 +8,9 @@ Python): the oracle's dense reward, reuse of the reference's log-probs, the shap
 oracle (totals preserved), and the refusals of bad flags (before any model load) and of group estimators.
 """
 
-import importlib
 import json
 import os
 import shutil
-import sys
-import types
 from types import SimpleNamespace
 
 import pytest
@@ -23,21 +20,16 @@ import openrlhf_sepo  # noqa: F401  (flash-attn placeholder before OpenRLHF)
 from openrlhf_sepo import tiny
 
 
-def _ppo_stack_without_vllm():
-    """OpenRLHF's ``openrlhf/trainer/ray/__init__`` imports its vLLM engine (vllm, aiohttp), which the CPU test
-    machine lacks; the experience maker and launcher need neither. Register the package without running its
-    ``__init__`` (only when that import fails), so the submodules load from their files."""
-    try:
-        importlib.import_module("openrlhf.trainer.ray")
-    except ImportError:
-        import openrlhf.trainer as trainer
+def _ppo_stack_importable():
+    """OpenRLHF's ``openrlhf/trainer/ray/__init__`` imports its vLLM engine, which needs ``vllm``: where none is
+    installed (the CPU test machine), the vLLM stand-in is registered, as train_ppo_dense does
+    (``openrlhf_sepo.vllm_standin``; an installed vllm is used as it is)."""
+    from openrlhf_sepo import vllm_standin
 
-        package = types.ModuleType("openrlhf.trainer.ray")
-        package.__path__ = [os.path.join(os.path.dirname(trainer.__file__), "ray")]
-        sys.modules["openrlhf.trainer.ray"] = package
+    vllm_standin.install_if_missing()
 
 
-_ppo_stack_without_vllm()
+_ppo_stack_importable()
 
 from openrlhf.trainer.ppo_utils import experience_maker as em  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402

@@ -25,7 +25,7 @@ from openrlhf_sepo.cpu import ray_ppo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "examples", "scripts", "train_ppo_dense_llama.sh")
-REAL_VLLM = __import__("importlib.util").util.find_spec("vllm") is not None
+REAL_VLLM = vllm_standin.vllm_installed()
 ENGINE_LINE = ("[train_ppo_dense] generation engine: vLLM stand-in (HF generate; vllm not importable)"
                if not REAL_VLLM else "[train_ppo_dense] generation engine: vLLM ")
 
@@ -78,6 +78,7 @@ def _args(**groups):
 
 
 def test_the_cpu_runtime_adds_logical_gpus_and_the_worker_hook(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     monkeypatch.setenv(ray_ppo.WORKER_NICENESS_ENV, "3")  # the user's choice is kept
     update = ray_ppo.ray_init_update(ray_ppo.Runtime(cpu=True, standin=True), _args)
@@ -89,6 +90,9 @@ def test_the_cpu_runtime_adds_logical_gpus_and_the_worker_hook(monkeypatch):
     assert env["PYTHONPATH"].split(os.pathsep) == [REPO, "/elsewhere"] and env["DS_ACCELERATOR"] == "cpu"
     assert os.environ[ray_ppo.WORKER_NICENESS_ENV] == "3" and kwargs["include_dashboard"] is False
     assert ray_ppo.logical_gpus(_args(**{"algo.kl.init_coef": 0, "reward.remote_url": ["http://rm"]})) == 2 + 1 + 1 + 2
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # joining a running cluster: its resources are its own
+    joined = update({})
+    assert "num_gpus" not in joined and joined["runtime_env"]["worker_process_setup_hook"] == ray_ppo.SETUP_HOOK
 
 
 def test_nothing_is_added_on_a_machine_with_cuda_and_vllm():

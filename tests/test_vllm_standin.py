@@ -6,7 +6,6 @@ actor's ``init_process_group`` / ``update_weight`` on the engine side) move bf16
 
 import asyncio
 import importlib
-import importlib.util
 import os
 import sys
 import threading
@@ -19,7 +18,7 @@ import openrlhf_sepo  # noqa: F401  (flash-attn placeholder before OpenRLHF)
 from openrlhf_sepo import vllm_standin
 from openrlhf_sepo.cpu import free_port
 
-REAL_VLLM = importlib.util.find_spec("vllm") is not None
+REAL_VLLM = vllm_standin.vllm_installed()
 
 
 def _vllm_modules():

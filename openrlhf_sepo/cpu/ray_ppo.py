@@ -76,8 +76,8 @@ def logical_gpus(args) -> int:
 
 
 def ray_init_update(runtime: Runtime, get_args):
-    """For ``openrlhf_internals.ray_init_with``: train_ppo_ray's ``ray.init`` kwargs with, on a CPU machine, logical
-    GPUs and CPUs for ``get_args()`` (the parsed args, read when Ray starts), no dashboard, and the workers at the
+    """For ``openrlhf_internals.ray_init_with``: train_ppo_ray's ``ray.init`` kwargs with, on a CPU machine starting its
+    own Ray (no ``RAY_ADDRESS``: a running cluster brings its resources and raylet), logical GPUs and CPUs for ``get_args()`` (the parsed args, read when Ray starts), no dashboard, and the workers at the
     driver's niceness (``WORKER_NICENESS_ENV`` set in this process unless already set); and in every case where the
     runtime is needed, the worker hook and this process's import path in the runtime environment (its env vars are
     kept)."""
@@ -98,14 +98,14 @@ def ray_init_update(runtime: Runtime, get_args):
         runtime_env["env_vars"] = env_vars
         runtime_env["worker_process_setup_hook"] = SETUP_HOOK
         kwargs["runtime_env"] = runtime_env
-        if runtime.cpu:
+        if runtime.cpu and not (kwargs.get("address") or os.environ.get("RAY_ADDRESS")):  # a cluster has its own
             # Ray starts its workers 15 niceness steps below the driver; on a small shared CPU machine, where all of
             # a run's work is in the workers, that starves them behind any other load. They keep the driver's.
             os.environ.setdefault(WORKER_NICENESS_ENV, "0")
             n = logical_gpus(get_args())
             kwargs.setdefault("num_gpus", n)
             kwargs.setdefault("num_cpus", n + 2)  # each model actor asks 1 CPU; + the trainer actor and one spare
-            kwargs.setdefault("include_dashboard", False)  # seconds of start-up on a small CPU machine, unused
+            kwargs.setdefault("include_dashboard", False)  # its UI is unused here
         return kwargs
 
     return update
