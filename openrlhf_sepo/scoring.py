@@ -264,32 +264,41 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 # Logit transforms some causal LMs apply after the LM head (Gemma 2's softcapping, Cohere's scale, Granite's
 # divisor): a model whose config sets one is never scored through ``_plain_head``.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-_PLAIN_HEADS = weakref.WeakKeyDictionary()  # model -> (body, lm_head) or None, decided once per model object
+_PLAIN_HEADS = weakref.WeakKeyDictionary()  # model -> (body, lm_head) or None, decided on its first batch
 
 
-def _plain_head(model, input_ids, attention_mask):
-    """``(body, lm_head)`` when ``model``'s logits are exactly ``lm_head(body(...).last_hidden_state)``, else None.
-
-    Decided once per model object: the output embedding must be an ``nn.Linear``, the model must have a base model
-    other than itself, its config no logit transform, and on the first batch's first row (at most 16 tokens) the
-    model's own logits must equal the LM head's on the body's hidden states (float tolerance). Any other model is
-    scored through its own forward (``response_logprobs``)."""
-    if model in _PLAIN_HEADS:
-        return _PLAIN_HEADS[model]
-    found = None
+def _split_head(model):
+    """``(body, lm_head)`` that ``model``'s logits may be (``lm_head(body(...).last_hidden_state)``), or None: its
+    output embedding an ``nn.Linear``, a base model other than itself, no logit transform in its config."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     body = getattr(model, "base_model", None)
     config = getattr(model, "config", None)
     if (isinstance(head, torch.nn.Linear) and isinstance(body, torch.nn.Module) and body is not model
             and not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)):
-        ids, mask = input_ids[:1, :16], attention_mask[:1, :16]
-        with torch.inference_mode():
-            own = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-            split = head(body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state).float()
-        if own.shape == split.shape and torch.allclose(own, split, rtol=1e-3, atol=1e-3):
-            found = (body, head)
-    _PLAIN_HEADS[model] = found
-    return found
+        return body, head
+    return None
+
+
+def _hidden_checked(model, input_ids, attention_mask):
+    """A model's first batch: its own forward (the logits of the last position only), the body's last hidden state
+    caught on the way by a forward hook -> (the hidden states, or None when the model's logits there are not the LM
+    head's on them). Checking costs one [B, V] LM head, not a second forward."""
+    split, caught = _split_head(model), []
+    if split is None:
+        return None
+    body, head = split
+    handle = body.register_forward_hook(lambda module, args, output: caught.append(output[0]))
+    try:
+        kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        own = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits[:, -1:]
+    finally:
+        handle.remove()
+    if len(caught) != 1 or not isinstance(caught[0], torch.Tensor) or caught[0].shape[:2] != input_ids.shape:
+        return None
+    mine = head(caught[0][:, -1:])
+    if mine.shape != own.shape or not torch.allclose(mine.float(), own.float(), rtol=1e-3, atol=1e-3):
+        return None
+    return caught[0]
 
 
 def scored_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
@@ -299,14 +308,24 @@ def scored_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ``scored`` [B, T - start] bool: column j stands for token ``start + j``; n is its number of True entries, in
     row-major order. The LM head and the log-softmax run at those n positions only (the hidden state at t - 1
     predicts token t): never at a prompt position of a row whose prompt is longer than ``start``, nor at padding.
-    A model whose logits are not a plain linear head on its body's last hidden state (``_plain_head``) runs its own
-    forward with ``logits_to_keep`` instead (``response_logprobs``), with the same result up to float rounding.
+
+    That needs the LM head apart from the body. Whether a model's logits are exactly ``lm_head(body(...)
+    .last_hidden_state)`` (``_split_head``: a linear output embedding, a base model, no logit softcapping or
+    scaling in the config) is checked on its first batch against its own forward (``_hidden_checked``), once per
+    model object; a model that fails it is scored through its own forward with ``logits_to_keep``
+    (``response_logprobs``), with the same result up to float rounding.
     """
-    split = _plain_head(model, input_ids, attention_mask)
-    if split is None:
+    if model not in _PLAIN_HEADS:
+        hidden = _hidden_checked(model, input_ids, attention_mask)
+        _PLAIN_HEADS[model] = None if hidden is None else _split_head(model)
+        if hidden is None:
+            return response_logprobs(model, input_ids, attention_mask, start)[scored]
+    elif _PLAIN_HEADS[model] is None:
         return response_logprobs(model, input_ids, attention_mask, start)[scored]
-    body, head = split
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    else:
+        body = _PLAIN_HEADS[model][0]
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    head = _PLAIN_HEADS[model][1]
     logits = head(hidden[:, start - 1 : -1][scored])  # [n, V]: the scored tokens' predictions, nothing else
     return label_logprobs(logits, input_ids[:, start:][scored], chunk_tokens=_normalizer_chunk(logits))
 

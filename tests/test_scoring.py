@@ -269,7 +269,7 @@ def test_scored_logprobs_plain_head_equals_the_models_own_forward(two_models):
     logits_to_keep (the path of every other model), on rows whose prompts differ and with right padding."""
     import copy
 
-    from openrlhf_sepo.scoring import _PLAIN_HEADS, _plain_head, response_logprobs, scored_logprobs
+    from openrlhf_sepo.scoring import _PLAIN_HEADS, response_logprobs, scored_logprobs
 
     oracle, _, tok = two_models
     gen = torch.Generator().manual_seed(4)
@@ -282,11 +282,14 @@ def test_scored_logprobs_plain_head_equals_the_models_own_forward(two_models):
     token = torch.arange(start, 20)
     scored = (token >= torch.tensor(prompt_lens)[:, None]) & (token < torch.tensor(lengths)[:, None])
     with torch.inference_mode():
-        assert _plain_head(oracle, ids, mask) is not None  # a Llama: logits = lm_head(last hidden state)
-        got = scored_logprobs(oracle, ids, mask, start, scored)
+        _PLAIN_HEADS.pop(oracle, None)
         expected = response_logprobs(oracle, ids, mask, start)[scored]
-    assert got.dtype == torch.float32 and got.shape == (sum(n - p for p, n in zip(prompt_lens, lengths)),)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        first = scored_logprobs(oracle, ids, mask, start, scored)  # checked against its own forward
+        assert _PLAIN_HEADS[oracle] is not None  # a Llama: logits = lm_head(last hidden state)
+        later = scored_logprobs(oracle, ids, mask, start, scored)  # the body alone
+    for got in (first, later):
+        assert got.dtype == torch.float32 and got.shape == (sum(n - p for p, n in zip(prompt_lens, lengths)),)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
     # A model whose logits are not the plain head's (here: doubled) or whose config names a logit transform is
     # scored through its own forward.
@@ -302,6 +305,7 @@ def test_scored_logprobs_plain_head_equals_the_models_own_forward(two_models):
     capped.config.final_logit_softcapping = 30.0
     with torch.inference_mode():
         for model in (doubled, capped):
-            assert _plain_head(model, ids, mask) is None and model in _PLAIN_HEADS
-            torch.testing.assert_close(scored_logprobs(model, ids, mask, start, scored),
-                                       response_logprobs(model, ids, mask, start)[scored], atol=0, rtol=0)
+            for _ in range(2):  # the first batch (checked) and a later one
+                torch.testing.assert_close(scored_logprobs(model, ids, mask, start, scored),
+                                           response_logprobs(model, ids, mask, start)[scored], atol=0, rtol=0)
+                assert _PLAIN_HEADS[model] is None
