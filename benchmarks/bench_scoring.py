@@ -21,10 +21,14 @@ synchronised). Each method runs ``--repeats`` times, interleaved; the best time 
 
     python benchmarks/bench_scoring.py [--pairs 96] [--vocab 8192] [--hidden 256] [--layers 4] [--repeats 3]
 
-What score_tokens does beyond the response-logits floor: the log-normalizer (a logsumexp over the vocabulary at
-every response position, in cache-sized chunks on the CPU), the selection statistics, the parquet. Tokenization is
-off that path: before 2026-11-29 each row went through OpenRLHF's RewardDataset code one at a time on the main
-thread (about 1 ms per pair on this CPU; on an H100 it made scoring 1.6-2.1x the bare forward).
+What score_tokens does beyond the response-logits floor: the log-normalizer (a log-softmax over the vocabulary at
+every scored token, in cache-sized chunks on the CPU), the selection statistics, the parquet. What it does less of:
+since 2026-12-01 its LM head runs at the scored tokens only, packed (``scoring.scored_logprobs``), while the floor's
+``logits_to_keep`` runs it at every row's last ``keep`` positions: at the defaults 3184 positions per model against
+2876 scored (the prompt tails of rows with longer prompts, and the padding), on a strided slice of the hidden states.
+The floor is left as it was (what HF's ``logits_to_keep`` gives); the two differences roughly cancel at this size.
+Tokenization is off that path: before 2026-11-29 each row went through OpenRLHF's RewardDataset code one at a time
+on the main thread (about 1 ms per pair on this CPU; on an H100 it made scoring 1.6-2.1x the bare forward).
 """
 
 import argparse

@@ -262,3 +262,50 @@ def test_moved_names_keep_their_old_import_paths():
         score_tokens.KILL_AFTER_SHARDS_ENV)
     assert wmle.WeightedSFTDataset is wmle_data.WeightedSFTDataset
     assert wmle.WeightedMLETrainer is wmle_trainer.WeightedMLETrainer
+
+
+def test_scored_logprobs_plain_head_equals_the_models_own_forward(two_models):
+    """The packed path (body, then the LM head at the scored tokens only) against the model's own forward with
+    logits_to_keep (the path of every other model), on rows whose prompts differ and with right padding."""
+    import copy
+
+    from openrlhf_sepo.scoring import _PLAIN_HEADS, response_logprobs, scored_logprobs
+
+    oracle, _, tok = two_models
+    gen = torch.Generator().manual_seed(4)
+    lengths, prompt_lens = [12, 20, 7, 15], [5, 9, 2, 6]
+    ids = torch.full((4, 20), tok.pad_token_id)
+    mask = torch.zeros((4, 20), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n], mask[i, :n] = torch.randint(10, len(tok), (n,), generator=gen), 1
+    start = min(prompt_lens)
+    token = torch.arange(start, 20)
+    scored = (token >= torch.tensor(prompt_lens)[:, None]) & (token < torch.tensor(lengths)[:, None])
+    with torch.inference_mode():
+        _PLAIN_HEADS.pop(oracle, None)
+        expected = response_logprobs(oracle, ids, mask, start)[scored]
+        first = scored_logprobs(oracle, ids, mask, start, scored)  # checked against its own forward
+        assert _PLAIN_HEADS[oracle] is not None  # a Llama: logits = lm_head(last hidden state)
+        later = scored_logprobs(oracle, ids, mask, start, scored)  # the body alone
+    for got in (first, later):
+        assert got.dtype == torch.float32 and got.shape == (sum(n - p for p, n in zip(prompt_lens, lengths)),)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+    # A model whose logits are not the plain head's (here: doubled) or whose config names a logit transform is
+    # scored through its own forward.
+    class Doubled(type(oracle)):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    doubled = copy.deepcopy(oracle)
+    doubled.__class__ = Doubled
+    capped = copy.deepcopy(oracle)
+    capped.config.final_logit_softcapping = 30.0
+    with torch.inference_mode():
+        for model in (doubled, capped):
+            for _ in range(2):  # the first batch (checked) and a later one
+                torch.testing.assert_close(scored_logprobs(model, ids, mask, start, scored),
+                                           response_logprobs(model, ids, mask, start)[scored], atol=0, rtol=0)
+                assert _PLAIN_HEADS[model] is None
