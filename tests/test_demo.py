@@ -136,8 +136,10 @@ def test_paired_differences_are_seed_by_seed_and_keep_the_comparisons_order():
     assert diffs["c - a"] == dict(zip(("mean", "ci95"), mean_ci95([4.0, 3.0, 1.0])))
 
 
-# Added with the testbed (2026-11-30) and swept on it only: tiny's committed settings predate them.
-TESTBED_ONLY = {"confidence", "wmle_truth", "sepo_nll_skip", "sepo_truth_nll_skip"}
+# Added with the testbed (2026-11-30) and swept on it only: tiny's committed settings predate them; so are the PPO
+# arms (2026-12-07).
+TESTBED_ONLY = {"confidence", "wmle_truth", "sepo_nll_skip", "sepo_truth_nll_skip", "ppo", "ppo_dense",
+                "ppo_dense_token_rm"}
 
 
 @pytest.mark.parametrize("task", ["independent", "testbed"])
