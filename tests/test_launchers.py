@@ -69,6 +69,23 @@ def test_ray_gpu_command_is_one_driver_with_user_arguments_last(script):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("source, flags", [
+    ("oracle", ["--dense.source", "oracle", "--dense.oracle", "./checkpoint/tinyllama-dpo-oracle"]),
+    ("token_rm", ["--dense.source", "token_rm", "--dense.token_rm", "./checkpoint/tinyllama-token-rm"]),
+    ("none", ["--dense.source", "none"])])
+def test_the_ppo_launcher_passes_only_the_chosen_dense_sources_flags(source, flags):
+    """check_dense_flags refuses a model path of another source, so DENSE_SOURCE picks the flags, not overrides."""
+    script, = RAY_SCRIPTS
+    proc = bash(script, [], SEPO_DRY_RUN="1", DENSE_SOURCE=source)
+    assert proc.returncode == 0, proc.stdout
+    cmd = shlex.split(proc.stdout.strip().splitlines()[-1])
+    assert [a for a in cmd if a.startswith("--dense.")] == [f for f in flags if f.startswith("--dense.")]
+    assert cmd[cmd.index("--dense.source") + 1] == source and all(f in cmd for f in flags)
+    bad = bash(script, [], SEPO_DRY_RUN="1", DENSE_SOURCE="oracel")
+    assert bad.returncode == 2 and "DENSE_SOURCE" in bad.stdout
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("script", RAY_SCRIPTS, ids=os.path.basename)
 def test_ray_cpu_command_has_cpu_settings_before_the_users(script):
     proc = bash(script, ["--ds.attn_implementation", "eager", "--vllm.num_engines", "2"], SEPO_DRY_RUN="1",

@@ -2,18 +2,24 @@
 # PPO with dense per-token rewards (openrlhf_sepo.cli.train_ppo_dense): OpenRLHF's own Ray PPO (train_ppo_ray, all its
 # flags) with RTO's oracle reward d_t = coef * (log pi_oracle(y_t) - log pi_ref(y_t)) added to the shaped reward
 # (docs in openrlhf_sepo/ppo_dense.py). The oracle is the DPO model of train_dpo_llama.sh, the reference PPO's own
-# (the SFT model), the sequence reward the reward model of train_rm_llama.sh. `--dense.source token_rm --dense.token_rm
-# ./checkpoint/tinyllama-token-rm` uses the token reward model of train_token_rm_llama.sh instead; `--dense.source none`
-# is OpenRLHF's PPO unchanged. One node, 8 GPUs: actor 2, critic 2, reference 1, reward 1, vLLM engine 1, oracle 1.
+# (the SFT model), the sequence reward the reward model of train_rm_llama.sh. DENSE_SOURCE picks the source (the
+# dense flags refuse a model path of another source, so it is chosen here, not by overriding flags):
+# DENSE_SOURCE=token_rm uses the token reward model of train_token_rm_llama.sh (DENSE_TOKEN_RM), DENSE_SOURCE=none is
+# OpenRLHF's PPO unchanged. One node, 8 GPUs: actor 2, critic 2, reference 1, reward 1, vLLM engine 1, oracle 1.
 # Ray: the driver starts a local Ray instance, or joins the cluster named by RAY_ADDRESS (several nodes: start Ray
 # there, then run this script on the head node). Arguments after the script name override the defaults;
 # SEPO_DEVICE=cpu runs on the CPU with a vLLM stand-in (launch_common.sh).
 set -euo pipefail
 MODULE=openrlhf_sepo.cli.train_ppo_dense
 SEPO_LAUNCHER=ray
+case "${DENSE_SOURCE:-oracle}" in
+  oracle) DENSE=(--dense.source oracle --dense.oracle "${DENSE_ORACLE:-./checkpoint/tinyllama-dpo-oracle}") ;;
+  token_rm) DENSE=(--dense.source token_rm --dense.token_rm "${DENSE_TOKEN_RM:-./checkpoint/tinyllama-token-rm}") ;;
+  none) DENSE=(--dense.source none) ;;
+  *) echo "DENSE_SOURCE: oracle, token_rm or none, got '${DENSE_SOURCE}'" >&2; exit 2 ;;
+esac
 DEFAULTS=(
-  --dense.source oracle
-  --dense.oracle ./checkpoint/tinyllama-dpo-oracle
+  "${DENSE[@]}"
   --actor.model_name_or_path ./checkpoint/tinyllama-sft
   --reward.model_name_or_path ./checkpoint/tinyllama-rm
   --data.prompt_dataset OpenRLHF/prompt-collection-v0.1
