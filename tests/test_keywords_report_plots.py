@@ -4,6 +4,7 @@ them inside its metric's bounds. In-process, no benchmark: the run is made-up ev
 
 import math
 import os
+import types
 
 import pytest
 
@@ -62,7 +63,7 @@ def test_colours_differ_within_each_panel():
     strong = [m for m in ALL_METHODS if m.startswith("w2s_")]
     panels = kr._panels(weak, strong)
     assert [p[0] for p in panels] == [f"weak policy: {kr.FAMILIES[k]}" for k in
-                                      ("selective", "sequence", "token_rm", "controls")] + [
+                                      ("selective", "sequence", "token_rm", "controls", "ppo")] + [
         "strong policy (hidden 128), weak oracle"]
     assert sorted(m for p in panels for m in p[2]) == sorted(ALL_METHODS)  # each method in exactly one panel
     for title, sft, members, refs in panels:
@@ -76,6 +77,7 @@ def test_families():
     assert kr._family("sepo_token_rm") == kr._family("wmle_onpolicy") == "token_rm"
     assert kr._family("sft_chosen") == kr._family("dpo") == "sequence"
     assert kr._family("w2s_x_sepo") == "weak_to_strong" and kr._family("tkpo") == "other"
+    assert kr._family("ppo") == kr._family("ppo_dense") == kr._family("ppo_dense_token_rm") == "ppo"
 
 
 def test_an_unlisted_method_gets_a_fixed_pair_no_listed_method_has():
@@ -121,8 +123,9 @@ def _run(weak, strong):
 class _FakeBench:
     """A test double of the harness object (``runner.Benchmark``), with only what ``_plots`` reads of it."""
 
-    def __init__(self, out):
+    def __init__(self, out, curves=True):
         self.seeds, self.out = SEEDS, out
+        self.spec = types.SimpleNamespace(curves=curves)  # KeywordSpec(curves=...): whether the curve plots exist
 
     def path(self, name):
         return os.path.join(self.out, name)

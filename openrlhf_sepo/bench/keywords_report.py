@@ -231,7 +231,7 @@ STYLES = {
     "w2s_sepo": ("tab:green", "h"), "w2s_dpo_nll": ("tab:blue", "H"), "w2s_simpo_nll": ("tab:red", "d"),
     "w2s_x_sepo": ("tab:pink", "p"),
     # PPO (OpenRLHF's Ray PPO; bandit, and dense from the oracle or the token RM)
-    "ppo": ("tab:olive", "<"), "ppo_dense": ("tab:green", ">"), "ppo_dense_token_rm": ("tab:purple", "p"),
+    "ppo": ("tab:olive", "<"), "ppo_dense": ("tab:red", ">"), "ppo_dense_token_rm": ("tab:purple", "p"),
 }
 PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
            "tab:olive", "tab:cyan", "black")
