@@ -17,7 +17,6 @@ Every OpenRLHF touch point used here is in ``openrlhf_internals`` (``extra_flags
 trainer class are added.
 """
 
-import runpy
 import sys
 
 LOG_PREFIX = "[train_ppo_dense]"
@@ -57,26 +56,11 @@ def runtime_problems(args, runtime) -> list:
     return problems
 
 
-def run_module_as_main(module: str, argv) -> int:
-    """Run ``module`` as ``__main__`` with ``argv`` as its command line; its exit status (0 when it returns)."""
-    saved = sys.argv
-    sys.argv = [module, *argv]
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as e:
-        if e.code is None or isinstance(e.code, int):
-            return e.code or 0
-        print(e.code, file=sys.stderr, flush=True)  # sys.exit("message"): print it, as the interpreter would
-        return 1
-    finally:
-        sys.argv = saved
-    return 0
-
-
 def run(argv) -> int:
     """Run train_ppo_ray with ``argv`` (its flags and the ``--dense.*`` ones) as described above; the exit status."""
     from openrlhf_sepo import vllm_standin
     from openrlhf_sepo.cpu import ray_ppo
+    from openrlhf_sepo.cpu.__main__ import run_module
 
     runtime = ray_ppo.prepare_driver()
     say(f"generation engine: {vllm_standin.engine_description()}")
@@ -111,4 +95,4 @@ def run(argv) -> int:
     with internals.extra_flags_on_first_parse(add_dense_flags, after_parse), \
             internals.ppo_trainer_class(DensePPOTrainerActor), \
             internals.ray_init_with(ray_ppo.ray_init_update(runtime, lambda: parsed["args"])):
-        return run_module_as_main(TRAIN_PPO_RAY, argv)
+        return run_module(TRAIN_PPO_RAY, argv)

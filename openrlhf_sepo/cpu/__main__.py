@@ -26,7 +26,9 @@ USAGE = ("usage: python -m openrlhf_sepo.cpu MODULE [ARGS...]   e.g. openrlhf.cl
 
 
 def run_module(module: str, args) -> int:
-    """Run ``module`` as ``__main__`` with ``args`` as its command line; its exit status (0 when it returns)."""
+    """Run ``module`` as ``__main__`` with ``args`` as its command line (``sys.argv`` restored after); its exit status
+    (0 when it returns). Also ``ppo_dense_run``'s way to run train_ppo_ray."""
+    saved = sys.argv
     sys.argv = [module, *args]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -35,6 +37,8 @@ def run_module(module: str, args) -> int:
             return e.code or 0
         print(e.code, file=sys.stderr, flush=True)  # sys.exit("message"): print it, as the interpreter would
         return 1
+    finally:
+        sys.argv = saved
     return 0
 
 
