@@ -20,7 +20,12 @@ runtime when there is no GPU) on the same tiny Llama and the same batch, through
 Step time: wall time between consecutive batches handed to ``fit()`` after ``--warmup`` steps; the fastest
 step is compared (the least disturbed by other processes on a shared machine), the median is printed too. Peak memory:
 on GPU ``torch.cuda.max_memory_allocated``; on CPU the process's RSS high-water mark (``ru_maxrss``) minus the
-RSS before the models were built, so the interpreter and imports are not counted.
+RSS before the models were built, so the interpreter and imports are not counted. Each variant's process runs with
+glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so that every tensor above it is mapped on
+allocation and unmapped on free and the high-water mark follows the live tensors, as ``max_memory_allocated`` does.
+With glibc's default, dynamic threshold the heap keeps freed blocks, and the mark also counts what the allocator
+happened to retain: identical DPO runs peaked anywhere between 441 and 487 MiB (2026-12-07: 444.7 and 470.6 MiB;
+fixed threshold: 362.2 to 362.4 MiB in three runs).
 """
 
 import argparse
@@ -147,9 +152,10 @@ def run_variants(script, model, passthrough, variants):
     """{variant: result}: ``script --variant V --model MODEL PASSTHROUGH...`` in a fresh process per variant (its
     ``RESULT`` JSON line), each printed as it finishes. Shared with bench_tkpo_step.py."""
     results = {}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # the CPU's peak follows live tensors (module docstring)
     for variant in variants:
         proc = subprocess.run([sys.executable, script, "--variant", variant, "--model", model, *passthrough],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.exit(f"variant {variant} failed:\n{proc.stdout[-4000:]}")

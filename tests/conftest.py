@@ -5,6 +5,7 @@ TensorBoard scalar reader. (Tests run with --import-mode=importlib: share helper
 import contextlib
 import glob
 import os
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -50,11 +51,31 @@ def run_module(module, args, nproc=1, cwd=None, env=None, timeout=900, check=Tru
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if env is None or var not in env:
             full_env.pop(var, None)
-    proc = subprocess.run(cmd, cwd=cwd or REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+    proc = _run_in_own_group(cmd, timeout, cwd=cwd or REPO, env=full_env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     if check:
         assert proc.returncode == 0, f"{' '.join(cmd)}\nexited {proc.returncode}:\n{proc.stdout[-6000:]}"
     return proc
+
+
+def _run_in_own_group(cmd, timeout, **popen_kwargs):
+    """``subprocess.run(cmd, timeout=timeout, **popen_kwargs)``, but in a session of its own whose whole process group
+    is killed on timeout: subprocess.run kills only ``cmd``, and a timed-out demo or launcher left its torchrun ranks
+    or Ray workers running, orphaned, through the rest of the suite."""
+    with subprocess.Popen(cmd, start_new_session=True, **popen_kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="session")
+def run_in_own_group():
+    """``_run_in_own_group`` for the tests that start long commands themselves."""
+    return _run_in_own_group
 
 
 def _free_port():

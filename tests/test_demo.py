@@ -196,11 +196,11 @@ def test_old_import_paths_still_work():
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path):
+def test_quick_demo_end_to_end(tmp_path, run_in_own_group):
     out = str(tmp_path / "demo")
     cmd = [sys.executable, "-m", "openrlhf_sepo.cli.demo", "--output_dir", out, "--quick"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
+    proc = run_in_own_group(cmd, 1500, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     with open(os.path.join(out, "metrics.json")) as f:
@@ -247,7 +247,7 @@ def test_quick_demo_end_to_end(tmp_path):
     for name in ("report.md", "frontier.png", "reward_curve.png", "selection.png", os.path.join("report", "index.html")):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    rerun = run_in_own_group(cmd, 900, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert "stage1     0 of 12 jobs to run" in rerun.stdout and "stage2     0 of 20 jobs to run" in rerun.stdout
     assert "loop_r1    0 of 6 jobs to run" in rerun.stdout and "loop_r2    0 of 6 jobs to run" in rerun.stdout

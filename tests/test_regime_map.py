@@ -274,14 +274,14 @@ def test_a_failed_cell_records_its_time_and_is_run_again(tmp_path, monkeypatch):
 
 # --- end to end ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_quick_regime_map_end_to_end_and_rerun_skips_every_cell(tmp_path):
+def test_quick_regime_map_end_to_end_and_rerun_skips_every_cell(tmp_path, run_in_own_group):
     out = str(tmp_path / "map")
     methods = ["sepo", "dpo_nll", "sepo_truth"]
     cmd = [sys.executable, "-m", "openrlhf_sepo.cli.regime_map", "--output_dir", out, "--quick",
            "--densities", "0.08", "--flaw_rates", "0,0.5", "--label_noises", "0", "--cues", "0.3",
            "--seeds", "0,1", "--methods", ",".join(methods), "--settings", _settings_file(tmp_path, methods)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=2400)
+    proc = run_in_own_group(cmd, 2400, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     print(proc.stdout[-3000:])
 
@@ -317,7 +317,7 @@ def test_quick_regime_map_end_to_end_and_rerun_skips_every_cell(tmp_path):
                 evaluation = json.load(f)
             assert evaluation["curves"] == {} and set(methods) <= set(evaluation["final"])
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    rerun = run_in_own_group(cmd, 600, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert rerun.stdout.count("skipped (finished: metrics.json)") == 2 and "[demo]" not in rerun.stdout
     assert "0 of 2 cells run" in rerun.stdout

@@ -115,13 +115,13 @@ def _steps(log: str) -> dict:
     return steps
 
 
-def _launch(cmd, env=None, timeout=1200):
+def _launch(run_in_own_group, cmd, env=None, timeout=1200):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                                        if p])
     start = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+    proc = run_in_own_group(cmd, timeout, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)}\nexited {proc.returncode}:\n{proc.stdout[-8000:]}"
     return SimpleNamespace(log=proc.stdout, seconds=time.time() - start, steps=_steps(proc.stdout))
 
@@ -155,9 +155,9 @@ def ppo_setup(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def launch_a(ppo_setup):
+def launch_a(ppo_setup, run_in_own_group):
     """The launcher on CPU, RTO oracle, 3 steps, a checkpoint per step."""
-    launch = _launch(["bash", LAUNCHER, *ppo_setup.flags, "--dense.oracle", ppo_setup.oracle,
+    launch = _launch(run_in_own_group, ["bash", LAUNCHER, *ppo_setup.flags, "--dense.oracle", ppo_setup.oracle,
                       "--logger.tensorboard_dir", str(ppo_setup.dir / "tb")], env={"SEPO_DEVICE": "cpu"})
     # B writes into the same checkpoint dir (keeping the newest --ckpt.max_num): what A left, read now
     launch.checkpoints = {part: sorted(os.listdir(ppo_setup.dir / "ckpt" / part)) for part in ("_actor", "_critic")}
@@ -165,12 +165,12 @@ def launch_a(ppo_setup):
 
 
 @pytest.fixture(scope="module")
-def launch_b(launch_a, ppo_setup):
+def launch_b(launch_a, ppo_setup, run_in_own_group):
     """The entrypoint, resuming A's checkpoint as OpenRLHF's bandit PPO (--dense.source none) for a 2nd episode."""
     cpu = ["--actor.num_gpus_per_node", "1", "--critic.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1",
            "--reward.num_gpus_per_node", "1", "--vllm.num_engines", "1", "--vllm.sync_backend", "gloo",
            "--ds.attn_implementation", "sdpa"]
-    return _launch([sys.executable, "-m", "openrlhf_sepo.cli.train_ppo_dense", "--dense.source", "none", *cpu,
+    return _launch(run_in_own_group, [sys.executable, "-m", "openrlhf_sepo.cli.train_ppo_dense", "--dense.source", "none", *cpu,
                     *ppo_setup.flags, "--ckpt.load_enable", "--train.num_episodes", "2"])
 
 
