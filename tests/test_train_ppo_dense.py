@@ -158,7 +158,8 @@ def ppo_setup(tiny_dir, tmp_path_factory):
 def launch_a(ppo_setup, run_in_own_group):
     """The launcher on CPU, RTO oracle, 3 steps, a checkpoint per step."""
     launch = _launch(run_in_own_group, ["bash", LAUNCHER, *ppo_setup.flags, "--dense.oracle", ppo_setup.oracle,
-                      "--logger.tensorboard_dir", str(ppo_setup.dir / "tb")], env={"SEPO_DEVICE": "cpu"})
+                                        "--logger.tensorboard_dir", str(ppo_setup.dir / "tb")],
+                     env={"SEPO_DEVICE": "cpu"})
     # B writes into the same checkpoint dir (keeping the newest --ckpt.max_num): what A left, read now
     launch.checkpoints = {part: sorted(os.listdir(ppo_setup.dir / "ckpt" / part)) for part in ("_actor", "_critic")}
     return launch
@@ -170,8 +171,8 @@ def launch_b(launch_a, ppo_setup, run_in_own_group):
     cpu = ["--actor.num_gpus_per_node", "1", "--critic.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1",
            "--reward.num_gpus_per_node", "1", "--vllm.num_engines", "1", "--vllm.sync_backend", "gloo",
            "--ds.attn_implementation", "sdpa"]
-    return _launch(run_in_own_group, [sys.executable, "-m", "openrlhf_sepo.cli.train_ppo_dense", "--dense.source", "none", *cpu,
-                    *ppo_setup.flags, "--ckpt.load_enable", "--train.num_episodes", "2"])
+    return _launch(run_in_own_group, [sys.executable, "-m", "openrlhf_sepo.cli.train_ppo_dense", "--dense.source",
+                                      "none", *cpu, *ppo_setup.flags, "--ckpt.load_enable", "--train.num_episodes", "2"])
 
 
 def _report(name, launch):

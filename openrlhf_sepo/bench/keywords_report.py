@@ -192,8 +192,8 @@ def _settings_lines(bench) -> list:
     lines = [
         "## Settings", "",
         f"Chosen per method on the grid lr {spec.GRID['lr']} x beta ({spec.GRID['sepo_beta']} for SePO / SimPO, "
-        f"{spec.GRID['dpo_beta']} for DPO; lr {spec.GRID['ppo_lr']} for the PPO arms) by {spec.OBJECTIVE}, on validation "
-        "prompts.", "",
+        f"{spec.GRID['dpo_beta']} for DPO; lr {spec.GRID['ppo_lr']} for the PPO arms) by {spec.OBJECTIVE}, "
+        "on validation prompts.", "",
         "| method | lr | beta | trainer | selection | k | common prefix | NLL | policy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
