@@ -47,7 +47,7 @@ import torch
 from openrlhf_sepo import tiny
 from openrlhf_sepo.cli import score_tokens
 from openrlhf_sepo.datasets import DataStrategy
-from openrlhf_sepo.scoring import _normalizer_chunk, label_logprobs
+from openrlhf_sepo.scoring import response_logprobs
 
 K_PERC = (0.1, 0.3, 0.5)
 
@@ -88,16 +88,16 @@ def published_loop(oracle, ref, items, device):
 
 def bare_forward(oracle, ref, tensors, logits_to_keep=None, normalize=False):
     """The floors: both models' forwards over the batches (``logits_to_keep``: the logits of the response positions
-    only); with ``normalize``, also each kept logit row's log-probability of its next token (``label_logprobs``),
-    the normalizer any exact scorer must pay on top of the logits."""
+    only); with ``normalize``, those kept logits' log-probabilities of their next tokens (``response_logprobs``), the
+    normalizer any exact scorer must pay on top of the logits."""
     with torch.inference_mode():
         for ids, mask, keep in tensors:
             extra = {"logits_to_keep": keep} if logits_to_keep else {}
             for model in (oracle, ref):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
-                if normalize:
-                    labels = torch.cat([ids[:, ids.shape[1] - keep + 1 :], ids[:, :1]], dim=1)
-                    label_logprobs(logits, labels, chunk_tokens=_normalizer_chunk(logits))
+                if normalize:  # the same kept logits, normalized: score_tokens' path for models it cannot split
+                    response_logprobs(model, ids, mask, ids.shape[1] - keep + 1)
+                else:
+                    model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
 
 
 def main(argv=None):
