@@ -23,17 +23,22 @@ RAY_SCRIPTS = [s for s in SCRIPTS if _is_ray(s)]
 DEEPSPEED_SCRIPTS = [s for s in SCRIPTS if not _is_ray(s)]
 
 
-def bash(script, args, **env):
-    full_env = {**os.environ, "PYTHON": sys.executable, **env}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(var, None)
-    return subprocess.run(["bash", script, *args], env=full_env, cwd=REPO, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+@pytest.fixture
+def bash(run_in_own_group):
+    """``bash(script, args, **env)``: run a launcher with ``env`` on top of this one's (the rendezvous variables
+    dropped), stdout and stderr together; on timeout its whole process group is killed, torchrun ranks included."""
+    def run(script, args, **env):
+        full_env = {**os.environ, "PYTHON": sys.executable, **env}
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            full_env.pop(var, None)
+        return run_in_own_group(["bash", script, *args], 900, env=full_env, cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", DEEPSPEED_SCRIPTS, ids=os.path.basename)
-def test_gpu_command_is_deepspeed_with_user_arguments_last(script):
+def test_gpu_command_is_deepspeed_with_user_arguments_last(script, bash):
     proc = bash(script, ["--data.max_len", "77"], SEPO_DRY_RUN="1")
     assert proc.returncode == 0, proc.stdout
     cmd = shlex.split(proc.stdout.strip().splitlines()[-1])
@@ -43,7 +48,7 @@ def test_gpu_command_is_deepspeed_with_user_arguments_last(script):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", DEEPSPEED_SCRIPTS, ids=os.path.basename)
-def test_cpu_command_uses_runtime_and_sdpa(script):
+def test_cpu_command_uses_runtime_and_sdpa(script, bash):
     proc = bash(script, ["--ds.attn_implementation", "eager"], SEPO_DRY_RUN="1", SEPO_DEVICE="cpu", SEPO_NPROC="3")
     assert proc.returncode == 0, proc.stdout
     cmd = shlex.split(proc.stdout.strip().splitlines()[-1])
@@ -59,7 +64,7 @@ def test_the_ray_ppo_launcher_is_found():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", RAY_SCRIPTS, ids=os.path.basename)
-def test_ray_gpu_command_is_one_driver_with_user_arguments_last(script):
+def test_ray_gpu_command_is_one_driver_with_user_arguments_last(script, bash):
     proc = bash(script, ["--data.max_len", "77"], SEPO_DRY_RUN="1")
     assert proc.returncode == 0, proc.stdout
     cmd = shlex.split(proc.stdout.strip().splitlines()[-1])
@@ -73,7 +78,7 @@ def test_ray_gpu_command_is_one_driver_with_user_arguments_last(script):
     ("oracle", ["--dense.source", "oracle", "--dense.oracle", "./checkpoint/tinyllama-dpo-oracle"]),
     ("token_rm", ["--dense.source", "token_rm", "--dense.token_rm", "./checkpoint/tinyllama-token-rm"]),
     ("none", ["--dense.source", "none"])])
-def test_the_ppo_launcher_passes_only_the_chosen_dense_sources_flags(source, flags):
+def test_the_ppo_launcher_passes_only_the_chosen_dense_sources_flags(source, flags, bash):
     """check_dense_flags refuses a model path of another source, so DENSE_SOURCE picks the flags, not overrides."""
     script, = RAY_SCRIPTS
     proc = bash(script, [], SEPO_DRY_RUN="1", DENSE_SOURCE=source)
@@ -87,7 +92,7 @@ def test_the_ppo_launcher_passes_only_the_chosen_dense_sources_flags(source, fla
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", RAY_SCRIPTS, ids=os.path.basename)
-def test_ray_cpu_command_has_cpu_settings_before_the_users(script):
+def test_ray_cpu_command_has_cpu_settings_before_the_users(script, bash):
     proc = bash(script, ["--ds.attn_implementation", "eager", "--vllm.num_engines", "2"], SEPO_DRY_RUN="1",
                 SEPO_DEVICE="cpu")
     assert proc.returncode == 0, proc.stdout
@@ -106,7 +111,7 @@ def test_ray_cpu_command_has_cpu_settings_before_the_users(script):
 
 
 @pytest.mark.slow
-def test_slurm_mode_only_prepares_the_command():
+def test_slurm_mode_only_prepares_the_command(bash):
     script = os.path.join(REPO, "examples", "scripts", "train_sft_llama.sh")
     proc = subprocess.run(["bash", "-c", f'source {shlex.quote(script)} slurm --adam.lr 3e-6; echo "${{SEPO_CMD[@]}}"'],
                           text=True, capture_output=True, timeout=60)
@@ -116,7 +121,7 @@ def test_slurm_mode_only_prepares_the_command():
 
 
 @pytest.mark.slow
-def test_cpu_sft_then_dpo_launchers_run_end_to_end(tiny_dir, tmp_path):
+def test_cpu_sft_then_dpo_launchers_run_end_to_end(tiny_dir, tmp_path, bash):
     data = ["--data.max_len", "128", "--data.max_samples", "32", "--train.batch_size", "8",
             "--train.micro_batch_size", "2", "--adam.lr", "1e-3"]
     sft = str(tmp_path / "sft")
@@ -141,7 +146,7 @@ def test_cpu_sft_then_dpo_launchers_run_end_to_end(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_dpo_llama.sh", "train_sft_llama.sh", "score_tokens_llama.sh"])
-def test_own_dataset_drops_the_default_split_unless_one_is_given(script):
+def test_own_dataset_drops_the_default_split_unless_one_is_given(script, bash):
     path = os.path.join(REPO, "examples", "scripts", script)
 
     def data_flags(*args):
@@ -165,7 +170,7 @@ def test_own_dataset_drops_the_default_split_unless_one_is_given(script):
 
 
 @pytest.mark.slow
-def test_cpu_dpo_launcher_with_a_local_file_and_no_split(tiny_dir, tmp_path):
+def test_cpu_dpo_launcher_with_a_local_file_and_no_split(tiny_dir, tmp_path, bash):
     # Before the fix: AttributeError: 'DatasetDict' object has no attribute 'select' (split train_prefs kept).
     base, out = os.path.join(tiny_dir, "base"), str(tmp_path / "dpo")
     proc = bash(os.path.join(REPO, "examples", "scripts", "train_dpo_llama.sh"), [
