@@ -78,12 +78,17 @@ def run_jobs(path: str) -> int:
         jobs = json.load(f)
     rank = int(os.environ.get("RANK", "0"))
     say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
-    # The batch owns one gloo group for all its jobs (DeepSpeed and score_tokens reuse an existing one). Were a
+    # The batch owns one process group for all its jobs (DeepSpeed and score_tokens reuse an existing one). Were a
     # job to create and destroy its own, the next job's rendezvous could read the dead group's addresses from
     # the launcher's store (seen: "Connection refused" when a resumed batch began with a scoring job).
     owned = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if owned:
-        dist.init_process_group(backend="gloo")
+        import torch
+
+        cuda = torch.cuda.is_available()  # on a GPU machine this runtime changes nothing: NCCL, as DeepSpeed would
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     try:
         return _run_batch(jobs, rank, say, dist)
     finally:
@@ -92,6 +97,7 @@ def run_jobs(path: str) -> int:
 
 
 def _run_batch(jobs, rank, say, dist) -> int:
+    """The jobs in order (skip the done, log, mark done after a barrier); the first non-zero status, else 0."""
     for job in jobs:
         done = job.get("done")
         if done and os.path.exists(done):
