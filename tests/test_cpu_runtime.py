@@ -142,7 +142,7 @@ def test_jobs_batch_runs_in_order_logs_marks_done_skips_and_stops_at_a_failure(t
 
 
 @pytest.mark.slow
-def test_jobs_batch_under_torchrun_owns_one_process_group_for_all_its_jobs(tmp_path):
+def test_jobs_batch_under_torchrun_owns_one_process_group_for_all_its_jobs(tmp_path, run):
     """Under torchrun, every job of a batch finds the batch's gloo group already up (world size 2), so no job
     creates and destroys its own: a job's fresh rendezvous right after another job's teardown could read the dead
     group's addresses from the launcher's store ("Connection refused", seen when a resumed benchmark batch began
@@ -154,14 +154,8 @@ def test_jobs_batch_under_torchrun_owns_one_process_group_for_all_its_jobs(tmp_p
     jobs = tmp_path / "jobs.json"
     jobs.write_text(json.dumps([{"name": n, "module": "probe_group", "args": [], "log": str(tmp_path / f"{n}.log"),
                                  "done": str(tmp_path / f"{n}.done")} for n in ("first", "second")]))
-    from openrlhf_sepo.cpu import free_port
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "openrlhf_sepo.cpu", "--jobs", str(jobs)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    run("--jobs", [str(jobs)], nproc=2, env={"PYTHONPATH": pythonpath})  # torchrun, its group killed on timeout
     for name in ("first", "second"):
         lines = sorted(line for line in (tmp_path / f"{name}.log").read_text().splitlines() if line.startswith("rank="))
         assert lines == ["rank=0 up=True world=2", "rank=1 up=True world=2"], (name, lines)

@@ -111,7 +111,7 @@ def test_ray_cpu_command_has_cpu_settings_before_the_users(script, bash):
 
 
 @pytest.mark.slow
-def test_slurm_mode_only_prepares_the_command(bash):
+def test_slurm_mode_only_prepares_the_command():
     script = os.path.join(REPO, "examples", "scripts", "train_sft_llama.sh")
     proc = subprocess.run(["bash", "-c", f'source {shlex.quote(script)} slurm --adam.lr 3e-6; echo "${{SEPO_CMD[@]}}"'],
                           text=True, capture_output=True, timeout=60)
